@@ -1,0 +1,105 @@
+"""Configuration of a node and of the built-in trainer: defaults in one place, one line each.
+
+The CLI maps flags onto these dataclasses and nothing else; the Python API takes them directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass, field
+
+__all__ = ["NodeConfig", "TrainConfig", "cluster_seed", "default_node_id", "parse_address"]
+
+
+def cluster_seed(cluster: str) -> int:
+    """The model-initialisation seed all founders of `cluster` share (from its name)."""
+    return int.from_bytes(hashlib.sha256(cluster.encode()).digest()[:4], "little")
+
+
+def default_node_id() -> str:
+    """A node id unique enough for a LAN: host name, process id and a random suffix."""
+    return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}"
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """Split "host:port" (IPv6 as "[::1]:port") into (host, port); ValueError if malformed."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"address {text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+@dataclass
+class NodeConfig:
+    """How a node talks to its peers, and how it gossips."""
+
+    listen: str = "127.0.0.1:0"  # HOST:PORT of the gRPC server; port 0 picks a free port
+    advertise: str | None = None  # HOST:PORT peers should use; None: the bound listen address
+    peers: list[str] = field(default_factory=list)  # seed list of HOST:PORT
+    node_id: str = field(default_factory=default_node_id)  # unique per node; free text <= 128 B
+    cluster: str = "gosgd"  # nodes of another cluster name are refused
+    p: float = 0.1  # probability of a push per step (the paper's p); 0 disables gossip
+    seed: int | None = None  # seed of the gossip coin and peer choice; None: from node_id
+    inbox_size: int = 4  # received messages waiting to be merged; more -> RESOURCE_EXHAUSTED
+    send_buffers: int = 2  # snapshots in flight at once; a push finding none free is skipped
+    push_timeout_s: float = 60.0  # deadline of one push (whole stream), seconds
+    rpc_timeout_s: float = 5.0  # deadline of a membership call, seconds
+    max_failures: int = 3  # consecutive failed calls before a peer is suspended
+    hello_interval_s: float = 2.0  # mean seconds between membership exchanges with a peer
+    drain_timeout_s: float = 120.0  # finish(): longest wait for in-flight pushes, seconds
+    server_workers: int = 16  # gRPC server threads (concurrent incoming calls)
+
+    def __post_init__(self) -> None:
+        parse_address(self.listen)
+        for peer in self.peers:
+            parse_address(peer)
+        if self.advertise is not None:
+            parse_address(self.advertise)
+        if not 0.0 <= self.p <= 1.0:
+            raise ValueError(f"p must be in [0, 1], got {self.p}")
+        if not self.node_id or len(self.node_id.encode()) > 128:
+            raise ValueError("node id must be 1 to 128 bytes")
+        if not self.cluster or len(self.cluster.encode()) > 128:
+            raise ValueError("cluster name must be 1 to 128 bytes")
+        for name in ("inbox_size", "send_buffers", "max_failures", "server_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        for name in ("push_timeout_s", "rpc_timeout_s", "hello_interval_s", "drain_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    """What the built-in trainer (gosgd-node, gosgd-demo) trains, and how it reports."""
+
+    model: str = "cnn"  # mlp | cnn | resnet18
+    dataset: str = "digits"  # digits (bundled) | synthetic | cifar10 (needs data_dir)
+    data_dir: str | None = None  # folder of the CIFAR-10 python pickles
+    shard: str | None = None  # "i/n": this node trains on the i-th of n disjoint slices
+    batch_size: int = 32  # examples per local step
+    lr: float = 0.05  # SGD learning rate
+    momentum: float = 0.9  # SGD momentum (stays local, as in the paper)
+    weight_decay: float = 0.0  # L2 penalty
+    steps: int = 600  # local optimizer steps before the node finishes
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:K
+    eval_every: int = 100  # steps between evaluations on the test set; 0: only at the end
+    log_json: str | None = None  # file to append one JSON line per evaluation to
+    save_final: str | None = None  # file to write the final state and weight to (torch.save)
+    wait_for_peers: int = 0  # founders wait until they know this many live peers
+    wait_timeout_s: float = 60.0  # ... for at most this long, seconds
+    seed: int | None = None  # data-order seed; None: derived from the node id
+    threads: int | None = None  # torch CPU threads; None: torch's default
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.eval_every < 0:
+            raise ValueError("eval_every must be >= 0")
+        if not self.lr > 0:
+            raise ValueError("lr must be > 0")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError("momentum must be in [0, 1)")

@@ -1,0 +1,637 @@
+"""GossipNode: GoSGD gossip around a user's PyTorch model (the Python API).
+
+    node = GossipNode(model, NodeConfig(listen="0.0.0.0:7070", peers=["10.0.0.2:7070"]))
+    for x, y in batches:
+        loss_fn(model(x), y).backward(); optimizer.step(); optimizer.zero_grad()
+        node.step()          # maybe push (x, a/2) to a random peer; merge what arrived
+    node.finish()            # settle every in-flight message, then node.close()
+
+Threads. The caller's thread (the training thread) alone reads and writes the model state x
+and the weight a: in step(), finish(), leave() and the constructor. gRPC server threads
+validate incoming messages into the inbox and queue donation requests; sender threads stream
+snapshots; a membership thread exchanges peer lists. They meet only through the inbox, queues
+and futures, so nothing merges during a local step and training never waits on the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import replace
+from typing import Any
+
+import grpc
+import torch
+
+from gosgd_p2p import algorithm
+from gosgd_p2p.client import PeerClient
+from gosgd_p2p.config import NodeConfig, parse_address
+from gosgd_p2p.inbox import Inbox, Message
+from gosgd_p2p.metrics import Counters
+from gosgd_p2p.peers import PeerTable
+from gosgd_p2p.server import GossipServer
+from gosgd_p2p.state import BufferPool, StateLayout, module_state
+from gosgd_p2p.v1 import gossip_pb2 as pb
+from gosgd_p2p.wire import (
+    PROTOCOL_VERSION,
+    Chunk,
+    Expectation,
+    Reject,
+    assemble,
+    check_header,
+    first_header,
+    split_for_streaming,
+)
+
+__all__ = ["GossipNode", "JoinError"]
+
+log = logging.getLogger(__name__)
+
+#: Most peers listed in one Hello (peer exchange spreads the rest over later rounds).
+HELLO_PEERS = 64
+#: Distinct (peer, reason) pairs remembered for log-once; beyond this, rejections are counted only.
+LOG_ONCE_LIMIT = 1024
+
+
+class JoinError(RuntimeError):
+    """A joining node could not obtain a state from any peer."""
+
+
+def _byte_view(buf: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor (no copy)."""
+    return memoryview(buf.numpy()).cast("B")
+
+
+class GossipNode:
+    """One GoSGD node: a gRPC server, a sender, an inbox and a peer table around `model`.
+
+    The constructor binds the server, contacts the seed peers and decides whether this node
+    founds the cluster (weight 1.0, its own initial state) or joins a running one (weight 0,
+    then the state and half the weight of a random peer, fetched before it returns). Create the
+    model from the same seed on every founder (`gosgd_p2p.cluster_seed`), so founders start
+    from the same point, as in the paper.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: NodeConfig | None = None, **overrides: Any):
+        cfg = replace(config or NodeConfig(), **overrides)
+        self.config = cfg
+        named = module_state(model)
+        self.layout = StateLayout(named)
+        self._tensors = [t for _, t in named]
+        self.device = self._tensors[0].device
+        if any(t.device != self.device for t in self._tensors):
+            raise ValueError("all of the model's float tensors must be on one device")
+        seed = cfg.seed if cfg.seed is not None else hash(cfg.node_id) & 0xFFFFFFFF
+        self._rng = random.Random(seed)
+        #: GoSGD weight a of this node (training thread only).
+        self.weight = 0.0
+        #: Local steps taken (calls to step()).
+        self.step_count = 0
+        self.counters = Counters()
+        self.last_distance: float | None = None  # ||x_s - x|| at the most recent merge
+        self._has_state = False
+        self._finished = False
+        self._closed = False
+
+        pin = self.device.type == "cuda"
+        self._send_pool = BufferPool(self.layout.numel, cfg.send_buffers, pin=pin)
+        self._recv_pool = BufferPool(self.layout.numel, cfg.inbox_size, pin=pin)
+        self._device_staging: torch.Tensor | None = None  # merge input on the GPU
+        self.inbox = Inbox()
+        self._expect = Expectation(cfg.cluster, self.layout.fingerprint, self.layout.nbytes)
+        self._donations: queue.Queue[Future[Message]] = queue.Queue(maxsize=2)
+        self._message_ids = iter(range(1, 1 << 62))
+        self._inflight = 0
+        self._inflight_cv = threading.Condition()
+        self._logged: set[tuple[str, str]] = set()
+        self._alone_logged = False
+
+        self._client = PeerClient()
+        self._sender = ThreadPoolExecutor(cfg.send_buffers, thread_name_prefix="gosgd-send")
+        self._server = GossipServer(self, cfg.listen, cfg.server_workers)
+        host, _ = parse_address(cfg.listen)
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        #: Address peers use to reach this node.
+        self.address = cfg.advertise or f"{host}:{self._server.port}"
+        self.peers = PeerTable(cfg.node_id, self.address, cfg.max_failures)
+        for seed_address in cfg.peers:
+            self.peers.add_seed(seed_address)
+
+        self._stop = threading.Event()
+        try:
+            replies = self._hello_round([p.address for p in self.peers.all()])
+            donors = [a for a, r in replies.items() if r.has_state and r.step > 0 and r.accepting]
+            if donors:
+                self._join(donors)
+            else:
+                self.weight = 1.0  # founders start with a = 1: only ratios matter
+            self._has_state = True
+            self.inbox.open()
+            self._server.set_serving(True)
+        except BaseException:
+            self._shutdown_threads()
+            raise
+        self._membership = threading.Thread(
+            target=self._membership_loop, name="gosgd-membership", daemon=True
+        )
+        self._membership.start()
+        log.info(
+            "node %s listening on %s (%s, %d known peers)",
+            cfg.node_id,
+            self.address,
+            "joined" if donors else "founder",
+            len(self.peers.all()),
+        )
+
+    # --- the training thread's API -----------------------------------------------------------
+
+    def step(self) -> None:
+        """Call once per local step, after optimizer.step(), from the training thread.
+
+        With probability p, halves the weight and hands a snapshot to a random live peer (sent
+        in the background); then merges every message waiting in the inbox. Never waits on the
+        network.
+        """
+        self._check_open()
+        self.step_count += 1
+        self._serve_donations()
+        if self.config.p > 0.0 and self._rng.random() < self.config.p:
+            self._push_random()
+        self._merge_inbox()
+
+    def finish(self) -> float:
+        """Stop gossiping and settle: returns the final weight (training thread).
+
+        Stops accepting pushes (senders take theirs back), waits until every push of ours is
+        acked or returned (up to drain_timeout_s), and merges the inbox. Once every node of a
+        cluster has finished, their final weights sum exactly to what the founders started with.
+        """
+        self._check_open()
+        if not self._finished:
+            self._finished = True
+            self.inbox.close()
+            self._server.set_serving(False)
+            self._refuse_donations()
+            deadline = time.monotonic() + self.config.drain_timeout_s
+            with self._inflight_cv:
+                while self._inflight:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        log.warning("%d push(es) still in flight after draining", self._inflight)
+                        break
+                    self._inflight_cv.wait(left)
+        self._merge_inbox()
+        return self.weight
+
+    def leave(self) -> float:
+        """Finish, then hand the whole weight and state to a live peer (graceful leave).
+
+        Returns the weight handed over; 0.0 if no peer took it (the weight then leaves with
+        this node, and the log says so).
+        """
+        self.finish()
+        if self.weight == 0.0:
+            return 0.0
+        buf = self._send_pool.acquire()
+        if buf is None:  # impossible after finish(): every push is settled
+            raise RuntimeError("no send buffer free after draining")
+        try:
+            self._snapshot_into(buf)
+            header = self._header(self.weight)
+            candidates = self.peers.live()
+            self._rng.shuffle(candidates)
+            for peer in candidates:
+                try:
+                    self._client.push(
+                        peer.address, header, _byte_view(buf), self.config.push_timeout_s
+                    )
+                except grpc.RpcError as err:
+                    log.info("leave: %s refused our state (%s)", peer.address, err.code().name)
+                    continue
+                handed, self.weight = self.weight, 0.0
+                self.counters.add("pushes_acked")
+                self.counters.add("bytes_sent", self.layout.nbytes)
+                log.info("left: handed weight %.6g to %s", handed, peer.address)
+                return handed
+        finally:
+            self._send_pool.release(buf)
+        log.warning("leave: no live peer took our state; weight %.6g leaves with us", self.weight)
+        return 0.0
+
+    def close(self, grace: float = 2.0) -> None:
+        """Stop the server and every thread. Call finish() or leave() first to keep the weight."""
+        if self._closed:
+            return
+        self._closed = True
+        self._refuse_donations()
+        self._shutdown_threads(grace)
+
+    def __enter__(self) -> GossipNode:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def state(self) -> list[torch.Tensor]:
+        """The gossiped tensors (aliases of the model's own), in layout order."""
+        return list(self._tensors)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and gauges for logs: messages and bytes sent/received/returned, peers."""
+        out: dict[str, Any] = dict(self.counters.snapshot())
+        out.update(
+            weight=self.weight,
+            step=self.step_count,
+            live_peers=len(self.peers.live()),
+            inbox=len(self.inbox),
+            last_distance=self.last_distance,
+        )
+        return out
+
+    # --- training thread internals -------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("node is closed")
+
+    def _header(self, weight: float) -> pb.StateHeader:
+        return pb.StateHeader(
+            sender_id=self.config.node_id,
+            message_id=next(self._message_ids),
+            weight=weight,
+            fingerprint=self.layout.fingerprint,
+            encoding=pb.ENCODING_FP32,
+            payload_bytes=self.layout.nbytes,
+            sender_step=self.step_count,
+            cluster=self.config.cluster,
+            protocol_version=PROTOCOL_VERSION,
+            sender_address=self.address,
+        )
+
+    def _snapshot_into(self, buf: torch.Tensor) -> None:
+        """Copy x into the host buffer `buf` (blocks until the copy is complete)."""
+        if self.device.type == "cuda":
+            if self._device_staging is None:
+                self._device_staging = torch.empty(
+                    self.layout.numel, dtype=torch.float32, device=self.device
+                )
+            self.layout.flatten_into(self._tensors, self._device_staging)
+            buf.copy_(self._device_staging)
+        else:
+            self.layout.flatten_into(self._tensors, buf)
+
+    def _push_random(self) -> None:
+        if self.weight <= 0.0:
+            return
+        peer = self.peers.choose(self._rng)
+        if peer is None:
+            if not self._alone_logged:
+                log.warning("no live peer: training alone until one appears")
+                self._alone_logged = True
+            self.counters.add("pushes_no_peer")
+            return
+        self._alone_logged = False
+        buf = self._send_pool.acquire()
+        if buf is None:
+            self.counters.add("pushes_skipped_busy")  # every snapshot buffer still in flight
+            return
+        self._snapshot_into(buf)
+        self.weight, sent = algorithm.halve(self.weight)
+        header = self._header(sent)
+        msg = Message(
+            sender_id=self.config.node_id,
+            message_id=header.message_id,
+            weight=sent,
+            payload=buf,
+            sender_step=self.step_count,
+            returned=True,
+            release=self._send_pool.release,
+        )
+        with self._inflight_cv:
+            self._inflight += 1
+        self.counters.add("pushes_started")
+        self._sender.submit(self._push_task, peer.address, header, msg)
+
+    def _merge_inbox(self) -> None:
+        for msg in self.inbox.drain():
+            payload = msg.payload
+            if self.device.type == "cuda":
+                if self._device_staging is None:
+                    self._device_staging = torch.empty(
+                        self.layout.numel, dtype=torch.float32, device=self.device
+                    )
+                self._device_staging.copy_(payload)
+                payload = self._device_staging
+            incoming = self.layout.views(payload)
+            if msg.returned:
+                self.counters.add("merged_returned")
+            else:
+                diffs = torch._foreach_sub(incoming, self._tensors)
+                self.last_distance = float(
+                    torch.linalg.vector_norm(torch.stack(torch._foreach_norm(diffs)))
+                )
+                self.counters.add("merged_received")
+            self.weight = algorithm.merge_(self._tensors, self.weight, incoming, msg.weight)
+            msg.release(msg.payload)
+
+    def _serve_donations(self) -> None:
+        """Answer joiners' FetchState requests: snapshot and half our weight, as for a push."""
+        while True:
+            try:
+                fut = self._donations.get_nowait()
+            except queue.Empty:
+                return
+            if not fut.set_running_or_notify_cancel():
+                continue  # the joiner gave up waiting
+            buf = self._recv_pool.acquire() if self.weight > 0.0 else None
+            if buf is None:
+                fut.set_exception(Reject("exhausted", "donation_busy", "no buffer to donate"))
+                continue
+            self._snapshot_into(buf)
+            self.weight, sent = algorithm.halve(self.weight)
+            fut.set_result(
+                Message(
+                    sender_id=self.config.node_id,
+                    message_id=0,
+                    weight=sent,
+                    payload=buf,
+                    sender_step=self.step_count,
+                    returned=True,
+                    release=self._recv_pool.release,
+                )
+            )
+
+    def _refuse_donations(self) -> None:
+        while True:
+            try:
+                fut = self._donations.get_nowait()
+            except queue.Empty:
+                return
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(Reject("precondition", "draining", "node is leaving"))
+
+    def _join(self, donors: list[str]) -> None:
+        """Take the state and half the weight of one of `donors` (constructor only)."""
+        request = pb.FetchRequest(
+            node_id=self.config.node_id,
+            cluster=self.config.cluster,
+            fingerprint=self.layout.fingerprint,
+            protocol_version=PROTOCOL_VERSION,
+        )
+        self._rng.shuffle(donors)
+        buf = self._recv_pool.acquire()
+        assert buf is not None, "a new node has every buffer free"
+        try:
+            for address in donors:
+                try:
+                    chunks = self._client.fetch(address, request, self.config.push_timeout_s)
+                    header = first_header(chunks)
+                    check_header(header, self._expect)
+                    assemble(header, chunks, _byte_view(buf))
+                    if not torch.isfinite(buf).all():
+                        raise Reject("invalid", "not_finite", "state has NaN or Inf")
+                except (grpc.RpcError, Reject) as err:
+                    log.warning("join: %s did not donate: %s", address, _describe(err))
+                    continue
+                self.weight = algorithm.merge_(
+                    self._tensors, 0.0, self.layout.views(buf.to(self.device)), header.weight
+                )
+                self.counters.add("bytes_received", self.layout.nbytes)
+                log.info("joined from %s with weight %.6g", address, self.weight)
+                return
+        finally:
+            self._recv_pool.release(buf)
+        raise JoinError(
+            f"could not join: none of {len(donors)} running peer(s) donated a state; "
+            "check that every node runs the same model and cluster name"
+        )
+
+    # --- sender threads ------------------------------------------------------------------------
+
+    def _push_task(self, address: str, header: pb.StateHeader, msg: Message) -> None:
+        try:
+            self._client.push(address, header, _byte_view(msg.payload), self.config.push_timeout_s)
+        except grpc.RpcError as err:
+            self._push_failed(address, err)
+            self.inbox.put_returned(msg)  # nothing lost: the weight comes home
+            self.counters.add("pushes_returned")
+        except Exception:  # a bug must not lose the weight either
+            log.exception("push to %s failed unexpectedly", address)
+            self.inbox.put_returned(msg)
+            self.counters.add("pushes_returned")
+        else:
+            self.peers.record_success(address)
+            self.counters.add("pushes_acked")
+            self.counters.add("bytes_sent", self.layout.nbytes)
+            msg.release(msg.payload)
+        finally:
+            with self._inflight_cv:
+                self._inflight -= 1
+                self._inflight_cv.notify_all()
+
+    def _push_failed(self, address: str, err: grpc.RpcError) -> None:
+        code = err.code()
+        if code == grpc.StatusCode.FAILED_PRECONDITION and "not accepting" in (err.details() or ""):
+            self.peers.mark_left(address)
+            self._log_once(address, "draining", f"{address} is draining; not pushing there")
+            return
+        if self.peers.record_failure(address):
+            log.warning("peer %s suspended after repeated failures (%s)", address, code.name)
+        self._log_once(address, code.name, f"push to {address} failed: {_describe(err)}")
+
+    # --- server threads (NodeBridge) -----------------------------------------------------------
+
+    def receive_push(self, chunks: Iterator[Chunk], peer: str) -> pb.PushAck:
+        """Validate a pushed message completely, then commit it to the inbox."""
+        header = first_header(chunks)
+        check_header(header, self._expect)
+        if not self.inbox.accepting:
+            raise Reject("precondition", "draining", "node is not accepting pushes")
+        if self.inbox.seen(header.sender_id, header.message_id):
+            self.counters.add("pushes_duplicate")
+            return pb.PushAck(receiver_id=self.config.node_id, duplicate=True)
+        buf = self._recv_pool.acquire()
+        if buf is None:
+            raise Reject("exhausted", "inbox_full", "inbox full; try another peer")
+        committed = False
+        try:
+            try:
+                assemble(header, chunks, _byte_view(buf))
+            except grpc.RpcError:
+                raise Reject("invalid", "aborted", "stream aborted by the sender") from None
+            if not torch.isfinite(buf).all():
+                raise Reject("invalid", "not_finite", "state has NaN or Inf values")
+            msg = Message(
+                sender_id=header.sender_id,
+                message_id=header.message_id,
+                weight=header.weight,
+                payload=buf,
+                sender_step=header.sender_step,
+                returned=False,
+                release=self._recv_pool.release,
+            )
+            committed = self.inbox.commit(msg)
+        finally:
+            if not committed:
+                self._recv_pool.release(buf)
+        if header.sender_address:
+            try:
+                parse_address(header.sender_address)
+                self.peers.observe(header.sender_address, header.sender_id)
+            except ValueError:
+                pass
+        if not committed:
+            self.counters.add("pushes_duplicate")
+            return pb.PushAck(receiver_id=self.config.node_id, duplicate=True)
+        self.counters.add("pushes_received")
+        self.counters.add("bytes_received", self.layout.nbytes)
+        return pb.PushAck(receiver_id=self.config.node_id)
+
+    def donate_state(self, request: pb.FetchRequest, peer: str) -> Iterator[bytes]:
+        """Stream half our weight and our state to a joiner; it comes back if the stream fails."""
+        if request.protocol_version != PROTOCOL_VERSION:
+            raise Reject("precondition", "protocol_version", "other protocol version")
+        if request.cluster != self.config.cluster:
+            raise Reject("precondition", "cluster", f"cluster {request.cluster!r} is not ours")
+        if request.fingerprint != self.layout.fingerprint:
+            raise Reject("precondition", "fingerprint", "model fingerprint differs")
+        if not self.inbox.accepting:
+            raise Reject("precondition", "draining", "node is not accepting joiners")
+        fut: Future[Message] = Future()
+        try:
+            self._donations.put_nowait(fut)
+        except queue.Full:
+            raise Reject("exhausted", "donation_busy", "too many joiners at once") from None
+        try:
+            msg = fut.result(timeout=self.config.rpc_timeout_s)
+        except FutureTimeout:
+            if fut.cancel():
+                raise Reject("exhausted", "donation_timeout", "training thread busy") from None
+            msg = fut.result()
+        done = False
+        try:
+            yield from split_for_streaming(self._header(msg.weight), _byte_view(msg.payload))
+            done = True
+        finally:
+            if done:
+                msg.release(msg.payload)
+                self.counters.add("donations")
+                self.counters.add("bytes_sent", self.layout.nbytes)
+            else:
+                self.inbox.put_returned(msg)
+                self.counters.add("donations_returned")
+
+    def hello(self, request: pb.HelloRequest, peer: str) -> pb.HelloReply:
+        """Membership: learn the caller and the peers it knows; tell it ours."""
+        if request.cluster == self.config.cluster and request.protocol_version == PROTOCOL_VERSION:
+            self._learn(request.self, request.peers)
+        return pb.HelloReply(
+            self=pb.PeerInfo(node_id=self.config.node_id, address=self.address),
+            cluster=self.config.cluster,
+            protocol_version=PROTOCOL_VERSION,
+            peers=self._peer_infos(),
+            step=self.step_count,
+            has_state=self._has_state,
+            accepting=self.inbox.accepting,
+        )
+
+    def rejected(self, reject: Reject, peer: str) -> None:
+        self.counters.add(f"rejected_{reject.counter}")
+        self._log_once(peer, reject.counter, f"refused a call from {peer}: {reject.reason}")
+
+    # --- membership thread ---------------------------------------------------------------------
+
+    def _peer_infos(self) -> list[pb.PeerInfo]:
+        live = self.peers.live()[:HELLO_PEERS]
+        return [pb.PeerInfo(node_id=p.node_id or "", address=p.address) for p in live]
+
+    def _learn(self, who: pb.PeerInfo, peers: Any) -> None:
+        try:
+            parse_address(who.address)
+        except ValueError:
+            return
+        self.peers.observe(who.address, who.node_id or None)
+        for info in peers:
+            try:
+                parse_address(info.address)
+            except ValueError:
+                continue
+            self.peers.observe(info.address, info.node_id or None, seen=False)
+
+    def _hello_round(self, addresses: list[str]) -> dict[str, pb.HelloReply]:
+        """Hello each address (in parallel); returns the replies of those in our cluster."""
+        replies: dict[str, pb.HelloReply] = {}
+        if not addresses:
+            return replies
+        with ThreadPoolExecutor(min(8, len(addresses)), thread_name_prefix="gosgd-hello") as ex:
+            futures = {a: ex.submit(self._hello_one, a) for a in addresses}
+        for address, fut in futures.items():
+            reply = fut.result()
+            if reply is not None:
+                replies[address] = reply
+        return replies
+
+    def _hello_one(self, address: str) -> pb.HelloReply | None:
+        request = pb.HelloRequest(
+            self=pb.PeerInfo(node_id=self.config.node_id, address=self.address),
+            cluster=self.config.cluster,
+            protocol_version=PROTOCOL_VERSION,
+            peers=self._peer_infos(),
+        )
+        try:
+            reply = self._client.hello(address, request, self.config.rpc_timeout_s)
+        except grpc.RpcError as err:
+            if self.peers.record_failure(address):
+                log.warning("peer %s suspended: %s", address, _describe(err))
+            return None
+        if reply.cluster != self.config.cluster or reply.protocol_version != PROTOCOL_VERSION:
+            self._log_once(address, "foreign", f"{address} is in cluster {reply.cluster!r}")
+            self.peers.remove(address)
+            return None
+        if reply.self.node_id == self.config.node_id:
+            self.peers.remove(address)  # ourselves under another address
+            return None
+        self._learn(pb.PeerInfo(node_id=reply.self.node_id, address=address), reply.peers)
+        if not reply.accepting:
+            self.peers.mark_left(address)
+        return reply
+
+    def _membership_loop(self) -> None:
+        while not self._stop.wait(self.config.hello_interval_s * self._rng.uniform(0.5, 1.5)):
+            known = self.peers.all()
+            if known:
+                picks = random.sample(known, min(3, len(known)))
+                self._hello_round([p.address for p in picks])
+
+    # --- shared helpers ------------------------------------------------------------------------
+
+    def _log_once(self, peer: str, reason: str, message: str) -> None:
+        key = (peer, reason)
+        if key in self._logged or len(self._logged) >= LOG_ONCE_LIMIT:
+            log.debug(message)
+            return
+        self._logged.add(key)
+        log.info(message)
+
+    def _shutdown_threads(self, grace: float = 2.0) -> None:
+        self._stop.set()
+        membership = getattr(self, "_membership", None)
+        if membership is not None:
+            membership.join()
+        self._server.stop(grace)
+        self._sender.shutdown(wait=True)
+        self._client.close()
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, grpc.RpcError):
+        return f"{err.code().name}: {err.details()}"
+    return str(err)

@@ -1,0 +1,136 @@
+"""The peer table: who is out there, and who is alive enough to gossip with.
+
+Keyed by address (a seed's node id is unknown until it answers). Sources (seed list, Hello,
+peer exchange, mDNS) call `observe`; calls record success or failure. A peer that fails
+`max_failures` times in a row is suspended, one that says it is draining is marked left, and
+either comes back when any source sees it again. Thread-safe; bounded by `max_peers`.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass, replace
+
+__all__ = ["Peer", "PeerTable"]
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A snapshot of one row of the peer table."""
+
+    address: str
+    node_id: str | None  # None until the peer has answered a Hello
+    status: str  # "live" | "suspended" | "left"
+    last_seen: float  # time.monotonic() of the last sign of life; 0.0 if never
+    failures: int  # consecutive failed calls
+
+
+class PeerTable:
+    """Thread-safe table of peers, excluding this node itself."""
+
+    def __init__(
+        self, self_id: str, self_address: str, max_failures: int = 3, max_peers: int = 1024
+    ) -> None:
+        self.self_id = self_id
+        self.self_address = self_address
+        self.max_failures = max_failures
+        self.max_peers = max_peers
+        self._rows: dict[str, Peer] = {}
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+
+    def add_seed(self, address: str) -> None:
+        """Add a configured address, live until proven otherwise."""
+        self.observe(address, None, seen=False)
+
+    def observe(self, address: str, node_id: str | None, *, seen: bool = True) -> None:
+        """A source reports `address` (and its node id when known): add it or bring it back."""
+        if address == self.self_address or (node_id is not None and node_id == self.self_id):
+            return
+        with self._changed:
+            if node_id is not None:
+                # A node that moved to a new address leaves its old row behind.
+                for addr, row in list(self._rows.items()):
+                    if row.node_id == node_id and addr != address:
+                        del self._rows[addr]
+            row = self._rows.get(address)
+            now = time.monotonic() if seen else 0.0
+            if row is None:
+                if len(self._rows) >= self.max_peers:
+                    return
+                self._rows[address] = Peer(address, node_id, "live", now, 0)
+            elif seen:
+                self._rows[address] = replace(
+                    row, node_id=node_id or row.node_id, status="live", last_seen=now, failures=0
+                )
+            self._changed.notify_all()
+
+    def record_success(self, address: str) -> None:
+        """A call to `address` succeeded."""
+        with self._changed:
+            row = self._rows.get(address)
+            if row is not None:
+                self._rows[address] = replace(
+                    row, status="live", failures=0, last_seen=time.monotonic()
+                )
+                self._changed.notify_all()
+
+    def record_failure(self, address: str) -> bool:
+        """A call to `address` failed; returns True when this failure suspended the peer."""
+        with self._changed:
+            row = self._rows.get(address)
+            if row is None:
+                return False
+            failures = row.failures + 1
+            suspend = row.status == "live" and failures >= self.max_failures
+            status = "suspended" if suspend else row.status
+            self._rows[address] = replace(row, failures=failures, status=status)
+            self._changed.notify_all()
+            return suspend
+
+    def mark_left(self, address: str) -> None:
+        """The peer said it is draining or leaving: stop choosing it."""
+        with self._changed:
+            row = self._rows.get(address)
+            if row is not None and row.status != "left":
+                self._rows[address] = replace(row, status="left")
+                self._changed.notify_all()
+
+    def remove(self, address: str) -> None:
+        """Forget `address` entirely."""
+        with self._changed:
+            self._rows.pop(address, None)
+            self._changed.notify_all()
+
+    def get(self, address: str) -> Peer | None:
+        with self._lock:
+            return self._rows.get(address)
+
+    def all(self) -> list[Peer]:
+        with self._lock:
+            return list(self._rows.values())
+
+    def live(self) -> list[Peer]:
+        """Peers a push may go to."""
+        with self._lock:
+            return [p for p in self._rows.values() if p.status == "live"]
+
+    def choose(self, rng: random.Random) -> Peer | None:
+        """A live peer drawn uniformly at random, or None when there is none."""
+        live = self.live()
+        return rng.choice(live) if live else None
+
+    def wait_live(self, count: int, timeout: float) -> bool:
+        """Block until at least `count` live peers with known ids exist; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                known = sum(1 for p in self._rows.values() if p.status == "live" and p.node_id)
+                if known >= count:
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(left)

@@ -1,0 +1,109 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENCODING_UNSPECIFIED: _ClassVar[Encoding]
+    ENCODING_FP32: _ClassVar[Encoding]
+ENCODING_UNSPECIFIED: Encoding
+ENCODING_FP32: Encoding
+
+class StateHeader(_message.Message):
+    __slots__ = ("sender_id", "message_id", "weight", "fingerprint", "encoding", "payload_bytes", "sender_step", "cluster", "protocol_version", "sender_address")
+    SENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SENDER_STEP_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SENDER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    sender_id: str
+    message_id: int
+    weight: float
+    fingerprint: bytes
+    encoding: Encoding
+    payload_bytes: int
+    sender_step: int
+    cluster: str
+    protocol_version: int
+    sender_address: str
+    def __init__(self, sender_id: _Optional[str] = ..., message_id: _Optional[int] = ..., weight: _Optional[float] = ..., fingerprint: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., payload_bytes: _Optional[int] = ..., sender_step: _Optional[int] = ..., cluster: _Optional[str] = ..., protocol_version: _Optional[int] = ..., sender_address: _Optional[str] = ...) -> None: ...
+
+class StateChunk(_message.Message):
+    __slots__ = ("header", "offset", "data", "crc32")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
+    header: StateHeader
+    offset: int
+    data: bytes
+    crc32: int
+    def __init__(self, header: _Optional[_Union[StateHeader, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
+
+class PushAck(_message.Message):
+    __slots__ = ("receiver_id", "duplicate")
+    RECEIVER_ID_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    receiver_id: str
+    duplicate: bool
+    def __init__(self, receiver_id: _Optional[str] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class FetchRequest(_message.Message):
+    __slots__ = ("node_id", "cluster", "fingerprint", "protocol_version")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    cluster: str
+    fingerprint: bytes
+    protocol_version: int
+    def __init__(self, node_id: _Optional[str] = ..., cluster: _Optional[str] = ..., fingerprint: _Optional[bytes] = ..., protocol_version: _Optional[int] = ...) -> None: ...
+
+class PeerInfo(_message.Message):
+    __slots__ = ("node_id", "address")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    address: str
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+
+class HelloRequest(_message.Message):
+    __slots__ = ("self", "cluster", "protocol_version", "peers")
+    SELF_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    self: PeerInfo
+    cluster: str
+    protocol_version: int
+    peers: _containers.RepeatedCompositeFieldContainer[PeerInfo]
+    def __init__(self_, self: _Optional[_Union[PeerInfo, _Mapping]] = ..., cluster: _Optional[str] = ..., protocol_version: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ...) -> None: ...
+
+class HelloReply(_message.Message):
+    __slots__ = ("self", "cluster", "protocol_version", "peers", "step", "has_state", "accepting")
+    SELF_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    HAS_STATE_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTING_FIELD_NUMBER: _ClassVar[int]
+    self: PeerInfo
+    cluster: str
+    protocol_version: int
+    peers: _containers.RepeatedCompositeFieldContainer[PeerInfo]
+    step: int
+    has_state: bool
+    accepting: bool
+    def __init__(self_, self: _Optional[_Union[PeerInfo, _Mapping]] = ..., cluster: _Optional[str] = ..., protocol_version: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., step: _Optional[int] = ..., has_state: _Optional[bool] = ..., accepting: _Optional[bool] = ...) -> None: ...
