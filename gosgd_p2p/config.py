@@ -10,12 +10,24 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-__all__ = ["NodeConfig", "TrainConfig", "cluster_seed", "default_node_id", "parse_address"]
+__all__ = [
+    "NodeConfig",
+    "TrainConfig",
+    "cluster_seed",
+    "default_node_id",
+    "parse_address",
+    "text_seed",
+]
+
+
+def text_seed(text: str) -> int:
+    """A 32-bit seed derived from `text`, the same in every process (unlike hash())."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
 
 
 def cluster_seed(cluster: str) -> int:
     """The model-initialisation seed all founders of `cluster` share (from its name)."""
-    return int.from_bytes(hashlib.sha256(cluster.encode()).digest()[:4], "little")
+    return text_seed(f"cluster:{cluster}")
 
 
 def default_node_id() -> str:
@@ -47,7 +59,7 @@ class NodeConfig:
     push_timeout_s: float = 60.0  # deadline of one push (whole stream), seconds
     rpc_timeout_s: float = 5.0  # deadline of a membership call, seconds
     max_failures: int = 3  # consecutive failed calls before a peer is suspended
-    hello_interval_s: float = 2.0  # mean seconds between membership exchanges with a peer
+    hello_interval_s: float = 1.0  # mean seconds between membership rounds
     drain_timeout_s: float = 120.0  # finish(): longest wait for in-flight pushes, seconds
     server_workers: int = 16  # gRPC server threads (concurrent incoming calls)
 

@@ -31,7 +31,7 @@ import torch
 
 from gosgd_p2p import algorithm
 from gosgd_p2p.client import PeerClient
-from gosgd_p2p.config import NodeConfig, parse_address
+from gosgd_p2p.config import NodeConfig, parse_address, text_seed
 from gosgd_p2p.inbox import Inbox, Message
 from gosgd_p2p.metrics import Counters
 from gosgd_p2p.peers import PeerTable
@@ -87,7 +87,7 @@ class GossipNode:
         self.device = self._tensors[0].device
         if any(t.device != self.device for t in self._tensors):
             raise ValueError("all of the model's float tensors must be on one device")
-        seed = cfg.seed if cfg.seed is not None else hash(cfg.node_id) & 0xFFFFFFFF
+        seed = cfg.seed if cfg.seed is not None else text_seed(f"gossip:{cfg.node_id}")
         self._rng = random.Random(seed)
         #: GoSGD weight a of this node (training thread only).
         self.weight = 0.0
@@ -125,6 +125,7 @@ class GossipNode:
             self.peers.add_seed(seed_address)
 
         self._stop = threading.Event()
+        self._rng_membership = random.Random(seed + 1)  # the training thread owns self._rng
         try:
             replies = self._hello_round([p.address for p in self.peers.all()])
             donors = [a for a, r in replies.items() if r.has_state and r.step > 0 and r.accepting]
@@ -605,11 +606,16 @@ class GossipNode:
         return reply
 
     def _membership_loop(self) -> None:
-        while not self._stop.wait(self.config.hello_interval_s * self._rng.uniform(0.5, 1.5)):
+        while not self._stop.wait(
+            self.config.hello_interval_s * self._rng_membership.uniform(0.5, 1.5)
+        ):
             known = self.peers.all()
-            if known:
-                picks = random.sample(known, min(3, len(known)))
-                self._hello_round([p.address for p in picks])
+            # Everyone heard of but never met, plus a few at random to refresh liveness.
+            fresh = [p.address for p in known if p.node_id is None]
+            others = [p.address for p in known if p.node_id is not None]
+            picks = fresh + self._rng_membership.sample(others, min(2, len(others)))
+            if picks:
+                self._hello_round(picks)
 
     # --- shared helpers ------------------------------------------------------------------------
 

@@ -1,0 +1,168 @@
+"""The built-in trainer behind gosgd-node: a plain PyTorch loop plus the GossipNode API.
+
+It does nothing a user's own loop could not: build the model from the cluster seed, take local
+SGD steps on this node's data, call node.step(), evaluate now and then, and settle the weight
+at the end (finish) or hand it over on a stop request (leave).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from gosgd_p2p.config import NodeConfig, TrainConfig, cluster_seed, text_seed
+from gosgd_p2p.data import BatchSampler, evaluate, load_dataset, parse_shard, shard
+from gosgd_p2p.models import build_model
+from gosgd_p2p.node import GossipNode
+
+__all__ = ["resolve_device", "train"]
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(spec: str) -> torch.device:
+    """ "auto" -> cuda when available, else cpu; "cpu", "cuda", "cuda:K" checked to exist."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"--device {spec!r}: use auto, cpu, cuda or cuda:K") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {spec}: CUDA is not available here (use cpu or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s) here")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {spec!r}: use auto, cpu, cuda or cuda:K")
+    return device
+
+
+def train(
+    node_cfg: NodeConfig,
+    cfg: TrainConfig,
+    stop: threading.Event | None = None,
+    on_ready: Callable[[GossipNode], None] | None = None,
+) -> dict[str, Any]:
+    """Train one node until cfg.steps or `stop`; returns the final log record.
+
+    On `stop` the node leaves gracefully (hands its whole weight to a live peer); after
+    cfg.steps it finishes (settles every in-flight message). `on_ready` is called once the
+    node is listening and has a state, before the first step.
+    """
+    stop = stop or threading.Event()
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    # data: the whole training set, or this node's disjoint shard of it
+    data = load_dataset(cfg.dataset, cfg.data_dir)
+    if cfg.shard:
+        data = shard(data, *parse_shard(cfg.shard))
+    data_seed = cfg.seed if cfg.seed is not None else text_seed(f"data:{node_cfg.node_id}")
+    batches = BatchSampler(data.train_x, data.train_y, cfg.batch_size, seed=data_seed)
+    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
+
+    # model: every founder builds the same initial state from the cluster seed
+    torch.manual_seed(cluster_seed(node_cfg.cluster))
+    model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+
+    node = GossipNode(model, node_cfg)
+    try:
+        if on_ready is not None:
+            on_ready(node)
+        if cfg.wait_for_peers and not node.peers.wait_live(cfg.wait_for_peers, cfg.wait_timeout_s):
+            log.warning(
+                "only %d of %d peers after %.0f s: starting anyway",
+                len(node.peers.live()),
+                cfg.wait_for_peers,
+                cfg.wait_timeout_s,
+            )
+        log_file = open(cfg.log_json, "a", buffering=1) if cfg.log_json else None  # noqa: SIM115
+        start = time.monotonic()
+        losses: list[float] = []
+
+        def record(final: bool) -> dict[str, Any]:
+            test_loss, test_acc = evaluate(model, test_x, test_y, device)
+            stats = node.stats()
+            rec = {
+                "node_id": node_cfg.node_id,
+                "step": node.step_count,
+                "time": round(time.monotonic() - start, 3),
+                "loss": sum(losses) / len(losses) if losses else None,
+                "test_loss": test_loss,
+                "test_accuracy": test_acc,
+                "weight": node.weight,
+                "messages_sent": stats.get("pushes_acked", 0),
+                "messages_received": stats.get("pushes_received", 0),
+                "messages_returned": stats.get("pushes_returned", 0),
+                "bytes_sent": stats.get("bytes_sent", 0),
+                "bytes_received": stats.get("bytes_received", 0),
+                "live_peers": stats["live_peers"],
+                "distance": stats["last_distance"],
+                "final": final,
+            }
+            losses.clear()
+            if log_file is not None:
+                log_file.write(json.dumps(rec) + "\n")
+            log.info(
+                "step %d  loss %s  test acc %.4f  weight %.4g  sent %d  recv %d  returned %d",
+                rec["step"],
+                "-" if rec["loss"] is None else f"{rec['loss']:.4f}",
+                test_acc,
+                node.weight,
+                rec["messages_sent"],
+                rec["messages_received"],
+                rec["messages_returned"],
+            )
+            return rec
+
+        # training loop: local step, then gossip (push with probability p, merge the inbox)
+        model.train()
+        while node.step_count < cfg.steps and not stop.is_set():
+            x, y = next(batches)
+            if len(y) < 2:
+                continue  # a 1-example tail batch breaks BatchNorm in train mode
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            node.step()
+            losses.append(loss.item())
+            if cfg.eval_every and node.step_count % cfg.eval_every == 0:
+                record(final=False)
+
+        # finish: settle every message (or hand everything over), then report
+        if stop.is_set():
+            handed = node.leave()
+            log.info("stop requested at step %d: handed over weight %.6g", node.step_count, handed)
+        else:
+            node.finish()
+        final = record(final=True)
+        if cfg.save_final:
+            torch.save(
+                {
+                    "node_id": node_cfg.node_id,
+                    "weight": node.weight,
+                    "state": [t.detach().cpu() for t in node.state],
+                    "model": cfg.model,
+                    "dataset": cfg.dataset,
+                },
+                cfg.save_final,
+            )
+        if log_file is not None:
+            log_file.close()
+        return final
+    finally:
+        node.close()
