@@ -65,7 +65,8 @@ class JoinError(RuntimeError):
 
 def _byte_view(buf: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor (no copy)."""
-    return memoryview(buf.numpy()).cast("B")
+    array: Any = buf.numpy()
+    return memoryview(array).cast("B")
 
 
 class GossipNode:
@@ -239,6 +240,12 @@ class GossipNode:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def in_flight(self) -> int:
+        """Pushes handed to the sender and not yet acked or returned."""
+        with self._inflight_cv:
+            return self._inflight
 
     @property
     def state(self) -> list[torch.Tensor]:

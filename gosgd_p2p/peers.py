@@ -55,15 +55,19 @@ class PeerTable:
                 for addr, row in list(self._rows.items()):
                     if row.node_id == node_id and addr != address:
                         del self._rows[addr]
-            row = self._rows.get(address)
+            existing = self._rows.get(address)
             now = time.monotonic() if seen else 0.0
-            if row is None:
+            if existing is None:
                 if len(self._rows) >= self.max_peers:
                     return
                 self._rows[address] = Peer(address, node_id, "live", now, 0)
             elif seen:
                 self._rows[address] = replace(
-                    row, node_id=node_id or row.node_id, status="live", last_seen=now, failures=0
+                    existing,
+                    node_id=node_id or existing.node_id,
+                    status="live",
+                    last_seen=now,
+                    failures=0,
                 )
             self._changed.notify_all()
 

@@ -127,6 +127,9 @@ def train(
             )
             return rec
 
+        if cfg.eval_every:
+            record(final=False)  # step 0: the state we start from (a joiner's is its donor's)
+
         # training loop: local step, then gossip (push with probability p, merge the inbox)
         model.train()
         while node.step_count < cfg.steps and not stop.is_set():
@@ -140,7 +143,11 @@ def train(
             optimizer.step()
             node.step()
             losses.append(loss.item())
-            if cfg.eval_every and node.step_count % cfg.eval_every == 0:
+            if (
+                cfg.eval_every
+                and node.step_count % cfg.eval_every == 0
+                and node.step_count < cfg.steps
+            ):
                 record(final=False)
 
         # finish: settle every message (or hand everything over), then report

@@ -114,7 +114,7 @@ class Chunk:
 
     header: pb.StateHeader | None = None
     offset: int = 0
-    data: memoryview = memoryview(b"")
+    data: bytes | memoryview = b""
     crc32: int | None = None
 
 
@@ -143,7 +143,7 @@ def decode_chunk(raw: bytes) -> Chunk:
     pos = 0
     header = None
     offset = 0
-    data = memoryview(b"")
+    data: bytes | memoryview = b""
     crc = None
     while pos < len(buf):
         key, pos = _read_varint(buf, pos)

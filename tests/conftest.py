@@ -1,0 +1,115 @@
+"""Shared test helpers: waiting on conditions with deadlines, and gosgd-node processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+# Several nodes share two cores in these tests: one torch thread each avoids oversubscription.
+torch.set_num_threads(1)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `predicate` until it holds; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(delay)  # back-off between polls of a condition, not a synchronisation sleep
+        delay = min(delay * 2, 0.1)
+
+
+class NodeProcess:
+    """A `gosgd-node` daemon in a subprocess; its address is read from its first stdout line."""
+
+    def __init__(self, tmp: Path, node_id: str, *args: str) -> None:
+        self.node_id = node_id
+        self.log_json = tmp / f"{node_id}.jsonl"
+        self.stderr_path = tmp / f"{node_id}.err"
+        self._stderr = open(self.stderr_path, "w")  # noqa: SIM115 - closed in wait()
+        cmd = [
+            sys.executable, "-m", "gosgd_p2p.cli",
+            "--node-id", node_id,
+            "--listen", "127.0.0.1:0",
+            "--threads", "1",
+            "--log-json", str(self.log_json),
+            *args,
+        ]  # fmt: skip
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env
+        )
+        self.stdout: list[str] = []
+        self._address = threading.Event()
+        self._reader = threading.Thread(target=self._read, name=f"read-{node_id}", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.stdout.append(line)
+            if " listening on " in line:
+                self._address.set()
+
+    @property
+    def address(self) -> str:
+        if not self._address.wait(60):
+            raise AssertionError(f"{self.node_id} did not start:\n{self.stderr()}")
+        line = next(s for s in self.stdout if " listening on " in s)
+        return line.rsplit(" ", 1)[1].strip()
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.log_json.exists():
+            return []
+        return [json.loads(s) for s in self.log_json.read_text().splitlines() if s.strip()]
+
+    def final(self) -> dict[str, Any]:
+        recs = [r for r in self.records() if r["final"]]
+        assert len(recs) == 1, f"{self.node_id}: expected one final record\n{self.stderr()}"
+        return recs[0]
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text() if self.stderr_path.exists() else ""
+
+    def terminate(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            rc = self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self._reader.join(5)
+            self._stderr.close()
+        return rc
+
+
+@pytest.fixture
+def node_processes(tmp_path: Path):
+    """Factory of NodeProcess; every process still running at teardown is killed."""
+    started: list[NodeProcess] = []
+
+    def start(node_id: str, *args: str) -> NodeProcess:
+        node = NodeProcess(tmp_path, node_id, *args)
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        if node.proc.poll() is None:
+            node.proc.kill()
+            node.wait(10)

@@ -1,0 +1,227 @@
+"""GossipNode through its Python API, with real gRPC servers on 127.0.0.1 port 0."""
+
+from __future__ import annotations
+
+import math
+import socket
+import threading
+
+import grpc
+import pytest
+import torch
+from conftest import wait_until
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gosgd_p2p import GossipNode, NodeConfig, cluster_seed, consensus
+from gosgd_p2p.client import PeerClient
+from gosgd_p2p.v1 import gossip_pb2 as pb
+from gosgd_p2p.wire import PROTOCOL_VERSION, Chunk, encode_chunk
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def make_model(width: int = 16, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(8, width), torch.nn.BatchNorm1d(width), torch.nn.Linear(width, 2)
+    )
+
+
+def cfg(node_id: str, **kw) -> NodeConfig:
+    kw.setdefault("cluster", "unit")
+    kw.setdefault("hello_interval_s", 0.2)
+    kw.setdefault("drain_timeout_s", 30.0)
+    return NodeConfig(node_id=node_id, **kw)
+
+
+def local_steps(model: torch.nn.Module, node: GossipNode, steps: int, seed: int) -> None:
+    """A user's own training loop with the one gossip line in it."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(steps):
+        x = torch.randn(32, 8, generator=gen)
+        y = (x[:, 0] + x[:, 1] > 0).long()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        node.step()
+
+
+def snapshot(node: GossipNode) -> list[torch.Tensor]:
+    return [t.clone() for t in node.state]
+
+
+def dead_address() -> str:
+    """A loopback address nothing listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_two_nodes_in_a_user_loop_gossip_and_conserve_weight() -> None:
+    ma, mb = make_model(), make_model()
+    a = GossipNode(ma, cfg("a", p=0.5))
+    b = GossipNode(mb, cfg("b", p=0.5, peers=[a.address]))
+    with a, b:
+        wait_until(lambda: a.peers.live() and b.peers.live(), 10, "peers to meet")
+        ta = threading.Thread(target=local_steps, args=(ma, a, 200, 1))
+        ta.start()
+        local_steps(mb, b, 200, 2)
+        ta.join()
+        b.finish()  # settles b's pushes; a still merges what b sent it
+        a.finish()
+        assert a.counters.get("merged_received") > 0 and b.counters.get("merged_received") > 0
+        assert math.isclose(a.weight + b.weight, 2.0, rel_tol=0, abs_tol=1e-12)
+        assert a.last_distance is not None and math.isfinite(a.last_distance)
+        avg = consensus([a.state, b.state], [a.weight, b.weight])
+        assert all(torch.isfinite(t).all() for t in avg)
+
+
+def test_push_to_a_dead_peer_comes_back_and_the_peer_is_suspended() -> None:
+    model = make_model()
+    node = GossipNode(model, cfg("a", p=1.0, peers=[dead_address()], push_timeout_s=5.0))
+    with node:
+        before = snapshot(node)
+        for _ in range(12):
+            node.step()  # no local update: returned messages must leave x where it was
+            wait_until(lambda: node.in_flight == 0, 30, "the push to settle")
+        wait_until(lambda: not node.peers.live(), 30, "the dead peer to be suspended")
+        assert node.finish() == 1.0  # every half came home: exactly the founder's weight
+        stats = node.stats()
+        assert stats["pushes_returned"] == stats["pushes_started"] >= 2
+        assert stats["pushes_no_peer"] >= 1  # once suspended, nobody to push to
+        for x, x0 in zip(node.state, before, strict=True):
+            torch.testing.assert_close(x, x0)
+
+
+def test_a_different_model_is_refused_and_touches_nothing() -> None:
+    a = GossipNode(make_model(16), cfg("a", p=0.0))
+    b = GossipNode(make_model(24), cfg("b", p=1.0, peers=[a.address]))
+    with a, b:
+        before = snapshot(a)
+        for _ in range(5):
+            b.step()
+        assert b.finish() == 1.0
+        assert a.finish() == 1.0
+        assert a.counters.get("rejected_fingerprint") >= 1
+        assert a.counters.get("pushes_received") == 0
+        for x, x0 in zip(a.state, before, strict=True):
+            assert torch.equal(x, x0)
+
+
+def test_full_inbox_refuses_and_the_sender_takes_its_message_back() -> None:
+    a = GossipNode(make_model(), cfg("a", p=0.0, inbox_size=1))
+    b = GossipNode(make_model(), cfg("b", p=1.0, peers=[a.address], send_buffers=1))
+    with a, b:
+        # a never steps, so its single inbox slot stays taken after the first push
+        for _ in range(6):
+            b.step()
+            wait_until(lambda: b.in_flight == 0, 30, "b's push to settle")
+        assert a.counters.get("pushes_received") == 1
+        assert a.counters.get("rejected_inbox_full") >= 1
+        b.finish()
+        a.finish()
+        assert math.isclose(a.weight + b.weight, 2.0, rel_tol=0, abs_tol=1e-12)
+
+
+def test_a_finished_node_refuses_pushes_and_is_marked_left() -> None:
+    a = GossipNode(make_model(), cfg("a", p=0.0))
+    b = GossipNode(make_model(), cfg("b", p=1.0, peers=[a.address]))
+    with a, b:
+        a.finish()
+        b.step()
+        wait_until(lambda: b.peers.get(a.address).status == "left", 30, "a to be marked left")
+        assert b.finish() == 1.0
+        assert a.counters.get("rejected_draining") >= 1
+
+
+def test_duplicate_delivery_is_applied_once() -> None:
+    a = GossipNode(make_model(), cfg("a", p=0.0))
+    client = PeerClient()
+    with a:
+        header = pb.StateHeader(
+            sender_id="x", message_id=7, weight=0.5, fingerprint=a.layout.fingerprint,
+            encoding=pb.ENCODING_FP32, payload_bytes=a.layout.nbytes, cluster="unit",
+            protocol_version=PROTOCOL_VERSION,
+        )  # fmt: skip
+        payload = memoryview(torch.zeros(a.layout.numel).numpy()).cast("B")
+        first = client.push(a.address, header, payload, timeout=10)
+        second = client.push(a.address, header, payload, timeout=10)
+        assert not first.duplicate and second.duplicate
+        assert a.finish() == 1.5  # merged once, not twice
+        client.close()
+
+
+def test_malformed_and_truncated_streams_get_invalid_argument() -> None:
+    a = GossipNode(make_model(), cfg("a", p=0.0))
+    channel = grpc.insecure_channel(a.address)
+    push = channel.stream_unary("/gosgd_p2p.v1.Gossip/PushState", request_serializer=None)
+    header = pb.StateHeader(
+        sender_id="x", message_id=1, weight=0.5, fingerprint=a.layout.fingerprint,
+        encoding=pb.ENCODING_FP32, payload_bytes=a.layout.nbytes, cluster="unit",
+        protocol_version=PROTOCOL_VERSION,
+    )  # fmt: skip
+    with a:
+        before = snapshot(a)
+        cases = {
+            "garbage": [b"\xff\xff\xff\xff"],
+            "truncated": [encode_chunk(Chunk(header=header)), encode_chunk(Chunk(data=b"\0" * 8))],
+            "no header": [encode_chunk(Chunk(data=b"\0" * 8))],
+        }
+        for name, chunks in cases.items():
+            with pytest.raises(grpc.RpcError) as info:
+                push(iter(chunks), timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+        assert a.finish() == 1.0
+        assert a.counters.get("pushes_received") == 0
+        for x, x0 in zip(a.state, before, strict=True):
+            assert torch.equal(x, x0)
+    channel.close()
+
+
+def test_a_late_node_joins_with_its_donors_state_and_half_its_weight() -> None:
+    ma = make_model()
+    a = GossipNode(ma, cfg("a", p=0.0))
+    stop = threading.Event()
+
+    def keep_training() -> None:
+        while not stop.is_set():
+            local_steps(ma, a, 1, 3)
+
+    trainer = threading.Thread(target=keep_training)
+    trainer.start()
+    try:
+        wait_until(lambda: a.step_count > 5, 30, "a to train")
+        j = GossipNode(make_model(seed=99), cfg("j", p=0.0, peers=[a.address]))
+    finally:
+        stop.set()
+        trainer.join()
+    with a, j:
+        assert j.weight > 0.0 and j.counters.get("bytes_received") == a.layout.nbytes
+        assert a.counters.get("donations") == 1
+        assert math.isclose(a.finish() + j.finish(), 1.0, rel_tol=0, abs_tol=1e-12)
+        assert a.weight == j.weight == 0.5  # the donor halved, the joiner took that half
+
+
+def test_health_is_serving_while_training_and_not_after_finish() -> None:
+    a = GossipNode(make_model(), cfg("a", p=0.0))
+    channel = grpc.insecure_channel(a.address)
+    stub = health_pb2_grpc.HealthStub(channel)
+    with a:
+        request = health_pb2.HealthCheckRequest(service="")
+        assert stub.Check(request, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        a.finish()
+        status = stub.Check(request, timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    channel.close()
+
+
+def test_cluster_seed_gives_founders_the_same_start() -> None:
+    def build(cluster: str) -> list[torch.Tensor]:
+        torch.manual_seed(cluster_seed(cluster))
+        return [p.detach() for p in torch.nn.Linear(8, 8).parameters()]
+
+    same = zip(build("run-1"), build("run-1"), strict=True)
+    assert all(torch.equal(x, y) for x, y in same)
+    assert not torch.equal(build("run-1")[0], build("run-2")[0])

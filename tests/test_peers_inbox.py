@@ -1,0 +1,254 @@
+"""The peer table (gosgd_p2p.peers) and the inbox (gosgd_p2p.inbox), without a network."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+import torch
+
+from gosgd_p2p.inbox import Inbox, Message
+from gosgd_p2p.peers import PeerTable
+from gosgd_p2p.wire import Reject
+
+SELF_ID, SELF_ADDR = "me", "10.0.0.1:5000"
+
+
+def _table(**kwargs) -> PeerTable:
+    return PeerTable(SELF_ID, SELF_ADDR, **kwargs)
+
+
+# --- PeerTable --------------------------------------------------------------------------------
+
+
+def test_seeds_start_live_without_an_id() -> None:
+    table = _table()
+    table.add_seed("10.0.0.2:5000")
+    (peer,) = table.all()
+    assert (peer.address, peer.node_id, peer.status, peer.failures) == (
+        "10.0.0.2:5000",
+        None,
+        "live",
+        0,
+    )
+    assert peer.last_seen == 0.0
+    assert table.live() == [peer]
+
+
+def test_observe_learns_the_node_id_of_a_seed() -> None:
+    table = _table()
+    table.add_seed("b:1")
+    table.observe("b:1", "node-b")
+    peer = table.get("b:1")
+    assert peer is not None
+    assert peer.node_id == "node-b"
+    assert peer.last_seen > 0.0
+    table.observe("b:1", None)  # a source that does not know the id keeps the known one
+    assert table.get("b:1").node_id == "node-b"
+
+
+def test_self_is_never_a_peer() -> None:
+    table = _table()
+    table.add_seed(SELF_ADDR)
+    table.observe(SELF_ADDR, "someone")
+    table.observe("elsewhere:1", SELF_ID)  # ourselves under another address
+    assert table.all() == []
+    assert table.choose(random.Random(0)) is None
+
+
+def test_failures_suspend_and_choose_skips_suspended_and_left() -> None:
+    table = _table(max_failures=3)
+    for addr, node in [("a:1", "a"), ("b:1", "b"), ("c:1", "c"), ("d:1", "d")]:
+        table.observe(addr, node)
+    assert [table.record_failure("a:1") for _ in range(3)] == [False, False, True]
+    assert table.record_failure("a:1") is False  # suspended once, not again
+    assert table.get("a:1").status == "suspended"
+    assert table.get("a:1").failures == 4
+    table.mark_left("b:1")
+    assert table.get("b:1").status == "left"
+    assert table.record_failure("unknown:1") is False
+
+    rng = random.Random(0)
+    chosen = {table.choose(rng).address for _ in range(200)}
+    assert chosen == {"c:1", "d:1"}  # uniform over the live ones: both come up in 200 draws
+    assert {p.address for p in table.live()} == {"c:1", "d:1"}
+
+
+def test_success_resets_the_failure_count() -> None:
+    table = _table(max_failures=2)
+    table.observe("a:1", "a")
+    table.record_failure("a:1")
+    table.record_success("a:1")
+    assert table.get("a:1").failures == 0
+    assert table.record_failure("a:1") is False
+    assert table.get("a:1").status == "live"
+
+
+@pytest.mark.parametrize("how", ["suspend", "leave"])
+def test_seeing_a_peer_again_brings_it_back(how: str) -> None:
+    table = _table(max_failures=1)
+    table.observe("a:1", "a")
+    if how == "suspend":
+        assert table.record_failure("a:1")
+    else:
+        table.mark_left("a:1")
+    assert table.live() == []
+    table.add_seed("a:1")  # configured again, but no sign of life: still out
+    assert table.live() == []
+    table.observe("a:1", "a")
+    peer = table.get("a:1")
+    assert (peer.status, peer.failures) == ("live", 0)
+    assert table.choose(random.Random(0)).address == "a:1"
+
+
+def test_a_node_that_moves_leaves_its_old_row_behind() -> None:
+    table = _table()
+    table.observe("old:1", "n")
+    table.observe("other:1", "o")
+    table.observe("new:1", "n")
+    assert {(p.address, p.node_id) for p in table.all()} == {("new:1", "n"), ("other:1", "o")}
+
+
+def test_the_table_is_bounded() -> None:
+    table = _table(max_peers=3)
+    for i in range(5):
+        table.observe(f"p{i}:1", f"n{i}")
+    assert [p.address for p in table.all()] == ["p0:1", "p1:1", "p2:1"]
+    table.observe("p0:2", "n0")  # a known node moving is not a new peer
+    assert {p.address for p in table.all()} == {"p0:2", "p1:1", "p2:1"}
+    table.remove("p1:1")
+    table.observe("p9:1", "n9")
+    assert len(table.all()) == 3
+    assert table.get("p9:1") is not None
+
+
+def test_wait_live_times_out_without_enough_identified_peers() -> None:
+    table = _table()
+    table.add_seed("a:1")  # live but no id: does not count
+    table.observe("b:1", "b")
+    assert table.wait_live(1, timeout=0.05) is True
+    assert table.wait_live(2, timeout=0.05) is False
+
+
+def test_wait_live_wakes_when_peers_appear() -> None:
+    table = _table()
+    ready = threading.Event()
+
+    def discover() -> None:
+        ready.wait(timeout=10)
+        table.observe("a:1", "a")
+        table.add_seed("c:1")
+        table.observe("b:1", "b")
+
+    thread = threading.Thread(target=discover, name="discover")
+    thread.start()
+    try:
+        assert table.wait_live(1, timeout=0.0) is False
+        ready.set()
+        assert table.wait_live(2, timeout=10.0) is True
+    finally:
+        ready.set()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert len(table.live()) == 3
+
+
+# --- Inbox ------------------------------------------------------------------------------------
+
+
+def _msg(sender: str = "s", message_id: int = 0, *, returned: bool = False) -> Message:
+    return Message(
+        sender_id=sender,
+        message_id=message_id,
+        weight=0.5,
+        payload=torch.zeros(2),
+        sender_step=0,
+        returned=returned,
+        release=lambda _buf: None,
+    )
+
+
+def test_a_closed_inbox_refuses_received_messages() -> None:
+    inbox = Inbox()
+    assert not inbox.accepting
+    with pytest.raises(Reject) as err:
+        inbox.commit(_msg())
+    assert err.value.kind == "precondition"
+    assert len(inbox) == 0
+    assert not inbox.seen("s", 0)  # a refused message can be delivered later
+    inbox.open()
+    assert inbox.commit(_msg())
+    inbox.close()
+    assert not inbox.accepting
+    with pytest.raises(Reject):
+        inbox.commit(_msg("s", 1))
+    assert [m.message_id for m in inbox.drain()] == [0]  # committed ones stay
+
+
+def test_a_duplicate_is_committed_once() -> None:
+    inbox = Inbox()
+    inbox.open()
+    assert inbox.commit(_msg("a", 1)) is True
+    assert inbox.commit(_msg("a", 1)) is False
+    assert inbox.commit(_msg("b", 1)) is True  # another sender, same id
+    assert inbox.commit(_msg("a", 2)) is True
+    assert inbox.seen("a", 1) and not inbox.seen("a", 3)
+    assert [(m.sender_id, m.message_id) for m in inbox.drain()] == [("a", 1), ("b", 1), ("a", 2)]
+    assert inbox.commit(_msg("a", 1)) is False  # remembered after the drain too
+
+
+def test_the_dedup_window_is_bounded() -> None:
+    inbox = Inbox(dedup_window=3)
+    inbox.open()
+    for i in range(4):
+        assert inbox.commit(_msg("a", i))
+    assert not inbox.seen("a", 0)  # the oldest is forgotten
+    assert all(inbox.seen("a", i) for i in (1, 2, 3))
+    assert inbox.commit(_msg("a", 0)) is True
+    assert not inbox.seen("a", 1)
+    assert len(inbox) == 5
+
+
+def test_returned_messages_are_always_accepted() -> None:
+    inbox = Inbox()
+    inbox.put_returned(_msg("me", 1, returned=True))
+    inbox.put_returned(_msg("me", 1, returned=True))  # no dedup for our own weight
+    assert len(inbox) == 2
+    assert all(m.returned for m in inbox.drain())
+
+
+def test_drain_returns_in_order_and_empties() -> None:
+    inbox = Inbox()
+    inbox.open()
+    inbox.commit(_msg("a", 1))
+    inbox.put_returned(_msg("me", 7, returned=True))
+    inbox.commit(_msg("b", 2))
+    assert [(m.sender_id, m.message_id) for m in inbox.drain()] == [
+        ("a", 1),
+        ("me", 7),
+        ("b", 2),
+    ]
+    assert len(inbox) == 0
+    assert inbox.drain() == []
+
+
+def test_concurrent_redelivery_commits_each_message_once() -> None:
+    inbox = Inbox()
+    inbox.open()
+    results: list[bool] = []
+    lock = threading.Lock()
+
+    def deliver() -> None:
+        mine = [inbox.commit(_msg("a", i)) for i in range(200)]
+        with lock:
+            results.extend(mine)
+
+    threads = [threading.Thread(target=deliver, name=f"deliver-{i}") for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+        assert not t.is_alive()
+    assert results.count(True) == 200
+    assert sorted(m.message_id for m in inbox.drain()) == list(range(200))
