@@ -59,6 +59,11 @@ def merge_(x: Sequence[torch.Tensor], a: float, x_s: Sequence[torch.Tensor], a_s
     a_s = check_weight(a_s, positive=True)
     if len(x) != len(x_s):
         raise ValueError(f"state has {len(x)} tensors, message has {len(x_s)}")
+    if a == 0.0:
+        # A node without weight takes x_s exactly (lerp by 1 would keep a NaN already in x).
+        for d, s in zip(x, x_s, strict=True):
+            d.copy_(s)
+        return a_s
     t = a_s / (a + a_s)
     same = [(d, s) for d, s in zip(x, x_s, strict=True) if d.dtype == s.dtype]
     if same:

@@ -297,8 +297,8 @@ class GossipNode:
             self.layout.flatten_into(self._tensors, buf)
 
     def _push_random(self) -> None:
-        if self.weight <= 0.0:
-            return
+        if self.weight / 2.0 <= 0.0:
+            return  # no weight (or a subnormal that halves to zero) to share
         peer = self.peers.choose(self._rng)
         if peer is None:
             if not self._alone_logged:

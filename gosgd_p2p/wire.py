@@ -143,7 +143,7 @@ def decode_chunk(raw: bytes) -> Chunk:
     pos = 0
     header = None
     offset = 0
-    data: bytes | memoryview = b""
+    data: bytes | memoryview = memoryview(b"")
     crc = None
     while pos < len(buf):
         key, pos = _read_varint(buf, pos)
@@ -276,6 +276,8 @@ def assemble(
         if chunk.header is not None:
             raise Reject("invalid", "second_header", "a second header in one message")
         n = len(chunk.data)
+        if n == 0 and total:
+            raise Reject("invalid", "empty_chunk", "data chunk without data")
         if n > max_chunk_bytes:
             raise Reject("exhausted", "chunk_size", f"chunk of {n} bytes > {max_chunk_bytes}")
         if chunk.offset != received:

@@ -80,11 +80,6 @@ def test_merge_into_zero_weight_takes_the_message_bitwise(seed, dtype, a_s) -> N
         assert torch.equal(got, src.to(dtype))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="algorithm.py merge_: lerp with t == 1 computes end - (end - x) * 0, so a NaN/inf in "
-    "a zero-weight x survives although the docstring promises a joiner takes x_s exactly",
-)
 def test_merge_into_zero_weight_overwrites_non_finite_values() -> None:
     x = [torch.tensor([float("nan"), float("inf"), 1.0])]
     x_s = [torch.tensor([1.0, 2.0, 3.0])]

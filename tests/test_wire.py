@@ -463,3 +463,13 @@ def test_check_header_rejects(overrides: dict, kind: str, counter: str) -> None:
         check_header(_header(**{"payload_bytes": 64, **overrides}), EXPECT)
     assert (err.value.kind, err.value.counter) == (kind, counter)
     assert err.value.reason == str(err.value)
+
+
+def test_assemble_rejects_empty_data_chunks() -> None:
+    """A peer cannot hold a stream open forever with empty chunks."""
+    payload = memoryview(bytes(range(10)))
+    header = pb.StateHeader(payload_bytes=len(payload))
+    chunks = [Chunk(offset=0, data=b""), Chunk(offset=0, data=payload, crc32=zlib.crc32(payload))]
+    with pytest.raises(Reject) as info:
+        assemble(header, iter(chunks), memoryview(bytearray(len(payload))))
+    assert info.value.counter == "empty_chunk"
