@@ -45,6 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--peers", type=_peer_list, default=[], help="seed peers HOST:PORT,...")
     net.add_argument("--node-id", default=None, help="unique node id (default: host-pid-random)")
     net.add_argument("--cluster", default=node.cluster, help="cluster name; others are refused")
+    net.add_argument(
+        "--mdns",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="find peers by mDNS (default: on when --peers is empty)",
+    )
+    net.add_argument("--mdns-interface", default=None, help="interface name or IPv4 for mDNS")
+    net.add_argument(
+        "--discovery-wait",
+        type=float,
+        default=node.discovery_wait_s,
+        help="seconds of mDNS listening before founding or joining",
+    )
     gossip = p.add_argument_group("gossip")
     gossip.add_argument("--p", type=float, default=node.p, help="push probability per step")
     gossip.add_argument("--inbox-size", type=int, default=node.inbox_size)
@@ -82,6 +95,9 @@ def configs_from_args(args: argparse.Namespace) -> tuple[NodeConfig, TrainConfig
         "advertise": args.advertise,
         "peers": args.peers,
         "cluster": args.cluster,
+        "mdns": args.mdns,
+        "mdns_interface": args.mdns_interface,
+        "discovery_wait_s": args.discovery_wait,
         "p": args.p,
         "seed": args.seed,
         "inbox_size": args.inbox_size,

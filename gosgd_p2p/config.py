@@ -47,11 +47,19 @@ def parse_address(text: str) -> tuple[str, int]:
 class NodeConfig:
     """How a node talks to its peers, and how it gossips."""
 
+    @property
+    def mdns_enabled(self) -> bool:
+        """mDNS is on when asked for, or by default when no seed peer is given."""
+        return self.mdns if self.mdns is not None else not self.peers
+
     listen: str = "127.0.0.1:0"  # HOST:PORT of the gRPC server; port 0 picks a free port
     advertise: str | None = None  # HOST:PORT peers should use; None: the bound listen address
     peers: list[str] = field(default_factory=list)  # seed list of HOST:PORT
     node_id: str = field(default_factory=default_node_id)  # unique per node; free text <= 128 B
     cluster: str = "gosgd"  # nodes of another cluster name are refused
+    mdns: bool | None = None  # find peers by mDNS on the LAN; None: on when `peers` is empty
+    mdns_interface: str | None = None  # interface name or IPv4 for mDNS; None: all interfaces
+    discovery_wait_s: float = 3.0  # with mDNS, listen this long before founding or joining
     p: float = 0.1  # probability of a push per step (the paper's p); 0 disables gossip
     seed: int | None = None  # seed of the gossip coin and peer choice; None: from node_id
     inbox_size: int = 4  # received messages waiting to be merged; more -> RESOURCE_EXHAUSTED
@@ -78,6 +86,8 @@ class NodeConfig:
         for name in ("inbox_size", "send_buffers", "max_failures", "server_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.discovery_wait_s < 0:
+            raise ValueError("discovery_wait_s must be >= 0")
         for name in ("push_timeout_s", "rpc_timeout_s", "hello_interval_s", "drain_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0")

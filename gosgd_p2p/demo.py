@@ -64,6 +64,7 @@ def _node_command(args: argparse.Namespace, i: int, out: Path, seed: str | None)
         "--device", args.device,
         "--threads", str(threads),
         "--wait-for-peers", str(args.nodes - 1),
+        "--no-mdns",  # wired by seed lists on loopback
         "--log-json", str(out / f"node-{i}.jsonl"),
         "--save-final", str(out / f"node-{i}.pt"),
     ]  # fmt: skip

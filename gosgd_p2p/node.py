@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import queue
 import random
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ import torch
 from gosgd_p2p import algorithm
 from gosgd_p2p.client import PeerClient
 from gosgd_p2p.config import NodeConfig, parse_address, text_seed
+from gosgd_p2p.discovery import MdnsDiscovery, advertise_host
 from gosgd_p2p.inbox import Inbox, Message
 from gosgd_p2p.metrics import Counters
 from gosgd_p2p.peers import PeerTable
@@ -111,23 +113,45 @@ class GossipNode:
         self._inflight = 0
         self._inflight_cv = threading.Condition()
         self._logged: set[tuple[str, str]] = set()
+        self._partners: set[str] = set()  # node ids we exchanged a message with
+        self._partners_lock = threading.Lock()
         self._alone_logged = False
 
         self._client = PeerClient()
         self._sender = ThreadPoolExecutor(cfg.send_buffers, thread_name_prefix="gosgd-send")
         self._server = GossipServer(self, cfg.listen, cfg.server_workers)
-        host, _ = parse_address(cfg.listen)
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
-        #: Address peers use to reach this node.
-        self.address = cfg.advertise or f"{host}:{self._server.port}"
-        self.peers = PeerTable(cfg.node_id, self.address, cfg.max_failures)
-        for seed_address in cfg.peers:
-            self.peers.add_seed(seed_address)
-
         self._stop = threading.Event()
         self._rng_membership = random.Random(seed + 1)  # the training thread owns self._rng
+        self._discovery: MdnsDiscovery | None = None
         try:
+            listen_host, _ = parse_address(cfg.listen)
+            #: Address peers use to reach this node.
+            self.address = cfg.advertise or (
+                f"{advertise_host(listen_host, cfg.mdns_interface)}:{self._server.port}"
+            )
+            self.peers = PeerTable(cfg.node_id, self.address, cfg.max_failures)
+            for seed_address in cfg.peers:
+                self.peers.add_seed(seed_address)
+
+            # discovery: seeds now; with mDNS, a short window to hear who is out there
+            if cfg.mdns_enabled:
+                host, port = parse_address(self.address)
+                host = socket.gethostbyname(host)
+                # A server bound to one address is advertised on that interface only (a node
+                # on 127.0.0.1 stays off the LAN); a wildcard one on every interface.
+                wildcard = listen_host in ("", "0.0.0.0", "::")
+                self._discovery = MdnsDiscovery(
+                    cfg.node_id,
+                    cfg.cluster,
+                    PROTOCOL_VERSION,
+                    (host, port),
+                    on_found=lambda address, node_id: self.peers.observe(address, node_id),
+                    interface=cfg.mdns_interface or (None if wildcard else host),
+                )
+                self._discovery.start()
+                self._stop.wait(cfg.discovery_wait_s)
+
+            # founder or joiner: join when a peer is already training
             replies = self._hello_round([p.address for p in self.peers.all()])
             donors = [a for a, r in replies.items() if r.has_state and r.step > 0 and r.accepting]
             if donors:
@@ -261,8 +285,19 @@ class GossipNode:
             live_peers=len(self.peers.live()),
             inbox=len(self.inbox),
             last_distance=self.last_distance,
+            partners=self.partners(),
         )
         return out
+
+    def partners(self) -> list[str]:
+        """Ids of the nodes this node has pushed to or received from (at most 1024 kept)."""
+        with self._partners_lock:
+            return sorted(self._partners)
+
+    def _add_partner(self, node_id: str) -> None:
+        with self._partners_lock:
+            if len(self._partners) < 1024:
+                self._partners.add(node_id)
 
     # --- training thread internals -------------------------------------------------------------
 
@@ -386,6 +421,18 @@ class GossipNode:
             if fut.set_running_or_notify_cancel():
                 fut.set_exception(Reject("precondition", "draining", "node is leaving"))
 
+    def _evict(self, address: str, reason: str) -> None:
+        """Count and log a peer suspended after max_failures failed calls in a row."""
+        peer = self.peers.get(address)
+        who = f"{peer.node_id} at {address}" if peer and peer.node_id else address
+        self.counters.add("peers_evicted")
+        log.warning(
+            "evicted peer %s after %d failed calls (%s); it returns if seen again",
+            who,
+            self.config.max_failures,
+            reason,
+        )
+
     def _join(self, donors: list[str]) -> None:
         """Take the state and half the weight of one of `donors` (constructor only)."""
         request = pb.FetchRequest(
@@ -426,7 +473,9 @@ class GossipNode:
 
     def _push_task(self, address: str, header: pb.StateHeader, msg: Message) -> None:
         try:
-            self._client.push(address, header, _byte_view(msg.payload), self.config.push_timeout_s)
+            ack = self._client.push(
+                address, header, _byte_view(msg.payload), self.config.push_timeout_s
+            )
         except grpc.RpcError as err:
             self._push_failed(address, err)
             self.inbox.put_returned(msg)  # nothing lost: the weight comes home
@@ -437,6 +486,7 @@ class GossipNode:
             self.counters.add("pushes_returned")
         else:
             self.peers.record_success(address)
+            self._add_partner(ack.receiver_id)
             self.counters.add("pushes_acked")
             self.counters.add("bytes_sent", self.layout.nbytes)
             msg.release(msg.payload)
@@ -452,7 +502,7 @@ class GossipNode:
             self._log_once(address, "draining", f"{address} is draining; not pushing there")
             return
         if self.peers.record_failure(address):
-            log.warning("peer %s suspended after repeated failures (%s)", address, code.name)
+            self._evict(address, code.name)
         self._log_once(address, code.name, f"push to {address} failed: {_describe(err)}")
 
     # --- server threads (NodeBridge) -----------------------------------------------------------
@@ -499,6 +549,7 @@ class GossipNode:
         if not committed:
             self.counters.add("pushes_duplicate")
             return pb.PushAck(receiver_id=self.config.node_id, duplicate=True)
+        self._add_partner(header.sender_id)
         self.counters.add("pushes_received")
         self.counters.add("bytes_received", self.layout.nbytes)
         return pb.PushAck(receiver_id=self.config.node_id)
@@ -598,7 +649,7 @@ class GossipNode:
             reply = self._client.hello(address, request, self.config.rpc_timeout_s)
         except grpc.RpcError as err:
             if self.peers.record_failure(address):
-                log.warning("peer %s suspended: %s", address, _describe(err))
+                self._evict(address, err.code().name)
             return None
         if reply.cluster != self.config.cluster or reply.protocol_version != PROTOCOL_VERSION:
             self._log_once(address, "foreign", f"{address} is in cluster {reply.cluster!r}")
@@ -607,6 +658,7 @@ class GossipNode:
         if reply.self.node_id == self.config.node_id:
             self.peers.remove(address)  # ourselves under another address
             return None
+        self.peers.observe(address, reply.self.node_id or None, confirmed=True)
         self._learn(pb.PeerInfo(node_id=reply.self.node_id, address=address), reply.peers)
         if not reply.accepting:
             self.peers.mark_left(address)
@@ -617,9 +669,9 @@ class GossipNode:
             self.config.hello_interval_s * self._rng_membership.uniform(0.5, 1.5)
         ):
             known = self.peers.all()
-            # Everyone heard of but never met, plus a few at random to refresh liveness.
-            fresh = [p.address for p in known if p.node_id is None]
-            others = [p.address for p in known if p.node_id is not None]
+            # Everyone heard of but never called, plus a few at random to refresh liveness.
+            fresh = [p.address for p in known if not p.confirmed]
+            others = [p.address for p in known if p.confirmed]
             picks = fresh + self._rng_membership.sample(others, min(2, len(others)))
             if picks:
                 self._hello_round(picks)
@@ -636,6 +688,8 @@ class GossipNode:
 
     def _shutdown_threads(self, grace: float = 2.0) -> None:
         self._stop.set()
+        if self._discovery is not None:
+            self._discovery.close()
         membership = getattr(self, "_membership", None)
         if membership is not None:
             membership.join()

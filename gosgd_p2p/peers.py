@@ -21,10 +21,11 @@ class Peer:
     """A snapshot of one row of the peer table."""
 
     address: str
-    node_id: str | None  # None until the peer has answered a Hello
+    node_id: str | None  # None until a source tells it
     status: str  # "live" | "suspended" | "left"
     last_seen: float  # time.monotonic() of the last sign of life; 0.0 if never
     failures: int  # consecutive failed calls
+    confirmed: bool = False  # we have called it successfully at least once
 
 
 class PeerTable:
@@ -45,8 +46,15 @@ class PeerTable:
         """Add a configured address, live until proven otherwise."""
         self.observe(address, None, seen=False)
 
-    def observe(self, address: str, node_id: str | None, *, seen: bool = True) -> None:
-        """A source reports `address` (and its node id when known): add it or bring it back."""
+    def observe(
+        self, address: str, node_id: str | None, *, seen: bool = True, confirmed: bool = False
+    ) -> None:
+        """A source reports `address` (and its node id when known): add it or bring it back.
+
+        `seen`: the source saw the peer alive just now (a call from it, mDNS, our own Hello),
+        which revives a suspended or left peer; peer-exchange hearsay passes False and only adds
+        unknown addresses. `confirmed`: our own call to it succeeded.
+        """
         if address == self.self_address or (node_id is not None and node_id == self.self_id):
             return
         with self._changed:
@@ -60,7 +68,7 @@ class PeerTable:
             if existing is None:
                 if len(self._rows) >= self.max_peers:
                     return
-                self._rows[address] = Peer(address, node_id, "live", now, 0)
+                self._rows[address] = Peer(address, node_id, "live", now, 0, confirmed)
             elif seen:
                 self._rows[address] = replace(
                     existing,
@@ -68,6 +76,7 @@ class PeerTable:
                     status="live",
                     last_seen=now,
                     failures=0,
+                    confirmed=existing.confirmed or confirmed,
                 )
             self._changed.notify_all()
 
@@ -77,7 +86,7 @@ class PeerTable:
             row = self._rows.get(address)
             if row is not None:
                 self._rows[address] = replace(
-                    row, status="live", failures=0, last_seen=time.monotonic()
+                    row, status="live", failures=0, last_seen=time.monotonic(), confirmed=True
                 )
                 self._changed.notify_all()
 
@@ -127,11 +136,11 @@ class PeerTable:
         return rng.choice(live) if live else None
 
     def wait_live(self, count: int, timeout: float) -> bool:
-        """Block until at least `count` live peers with known ids exist; False on timeout."""
+        """Block until at least `count` live, confirmed peers exist; False on timeout."""
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
-                known = sum(1 for p in self._rows.values() if p.status == "live" and p.node_id)
+                known = sum(1 for p in self._rows.values() if p.status == "live" and p.confirmed)
                 if known >= count:
                     return True
                 left = deadline - time.monotonic()

@@ -81,13 +81,19 @@ def train(
     try:
         if on_ready is not None:
             on_ready(node)
-        if cfg.wait_for_peers and not node.peers.wait_live(cfg.wait_for_peers, cfg.wait_timeout_s):
-            log.warning(
-                "only %d of %d peers after %.0f s: starting anyway",
-                len(node.peers.live()),
-                cfg.wait_for_peers,
-                cfg.wait_timeout_s,
-            )
+        if cfg.wait_for_peers:
+            waited = time.monotonic()
+            if node.peers.wait_live(cfg.wait_for_peers, cfg.wait_timeout_s):
+                log.info(
+                    "%d peers ready after %.1f s", cfg.wait_for_peers, time.monotonic() - waited
+                )
+            else:
+                log.warning(
+                    "only %d of %d peers after %.0f s: starting anyway",
+                    len(node.peers.live()),
+                    cfg.wait_for_peers,
+                    cfg.wait_timeout_s,
+                )
         log_file = open(cfg.log_json, "a", buffering=1) if cfg.log_json else None  # noqa: SIM115
         start = time.monotonic()
         losses: list[float] = []
@@ -110,6 +116,7 @@ def train(
                 "bytes_received": stats.get("bytes_received", 0),
                 "live_peers": stats["live_peers"],
                 "distance": stats["last_distance"],
+                "partners": stats["partners"],
                 "final": final,
             }
             losses.clear()

@@ -34,15 +34,23 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
 class NodeProcess:
     """A `gosgd-node` daemon in a subprocess; its address is read from its first stdout line."""
 
-    def __init__(self, tmp: Path, node_id: str, *args: str) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        node_id: str,
+        *args: str,
+        prefix: tuple[str, ...] = (),
+        listen: str = "127.0.0.1:0",
+    ) -> None:
         self.node_id = node_id
         self.log_json = tmp / f"{node_id}.jsonl"
         self.stderr_path = tmp / f"{node_id}.err"
         self._stderr = open(self.stderr_path, "w")  # noqa: SIM115 - closed in wait()
         cmd = [
+            *prefix,  # e.g. `ip netns exec NS`, which execs: the pid stays the node's
             sys.executable, "-m", "gosgd_p2p.cli",
             "--node-id", node_id,
-            "--listen", "127.0.0.1:0",
+            "--listen", listen,
             "--threads", "1",
             "--log-json", str(self.log_json),
             *args,
@@ -86,6 +94,9 @@ class NodeProcess:
     def terminate(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
 
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+
     def wait(self, timeout: float) -> int:
         try:
             rc = self.proc.wait(timeout)
@@ -103,8 +114,8 @@ def node_processes(tmp_path: Path):
     """Factory of NodeProcess; every process still running at teardown is killed."""
     started: list[NodeProcess] = []
 
-    def start(node_id: str, *args: str) -> NodeProcess:
-        node = NodeProcess(tmp_path, node_id, *args)
+    def start(node_id: str, *args: str, **kw: Any) -> NodeProcess:
+        node = NodeProcess(tmp_path, node_id, *args, **kw)
         started.append(node)
         return node
 

@@ -24,7 +24,9 @@ def test_four_nodes_in_process_reach_accuracy_and_keep_total_weight(tmp_path) ->
                 first_address.append(node.address)
                 first_ready.set()
 
-        node_cfg = NodeConfig(node_id=f"n{i}", cluster="test-cluster", p=0.1, peers=peers)
+        node_cfg = NodeConfig(
+            node_id=f"n{i}", cluster="test-cluster", p=0.1, peers=peers, mdns=False
+        )
         cfg = TrainConfig(
             model="cnn",
             dataset="digits",

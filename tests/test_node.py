@@ -31,6 +31,7 @@ def cfg(node_id: str, **kw) -> NodeConfig:
     kw.setdefault("cluster", "unit")
     kw.setdefault("hello_interval_s", 0.2)
     kw.setdefault("drain_timeout_s", 30.0)
+    kw.setdefault("mdns", False)  # mDNS only inside network namespaces (test_discovery.py)
     return NodeConfig(node_id=node_id, **kw)
 
 

@@ -123,10 +123,11 @@ def test_the_table_is_bounded() -> None:
     assert table.get("p9:1") is not None
 
 
-def test_wait_live_times_out_without_enough_identified_peers() -> None:
+def test_wait_live_times_out_without_enough_confirmed_peers() -> None:
     table = _table()
-    table.add_seed("a:1")  # live but no id: does not count
-    table.observe("b:1", "b")
+    table.add_seed("a:1")  # live but never answered: does not count
+    table.observe("c:1", "c")  # heard of (mDNS, a call from it), not called yet: neither
+    table.observe("b:1", "b", confirmed=True)
     assert table.wait_live(1, timeout=0.05) is True
     assert table.wait_live(2, timeout=0.05) is False
 
@@ -137,9 +138,11 @@ def test_wait_live_wakes_when_peers_appear() -> None:
 
     def discover() -> None:
         ready.wait(timeout=10)
-        table.observe("a:1", "a")
+        table.observe("a:1", "a", confirmed=True)
         table.add_seed("c:1")
+        table.record_success("b:1")  # unknown address: ignored
         table.observe("b:1", "b")
+        table.record_success("b:1")  # a call to it succeeded: confirmed
 
     thread = threading.Thread(target=discover, name="discover")
     thread.start()
