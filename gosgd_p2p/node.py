@@ -501,6 +501,11 @@ class GossipNode:
             self.peers.mark_left(address)
             self._log_once(address, "draining", f"{address} is draining; not pushing there")
             return
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            # A full inbox is back-pressure from a live peer, not a sign that it is gone.
+            self.counters.add("pushes_busy")
+            self._log_once(address, "busy", f"{address} is busy: {err.details()}")
+            return
         if self.peers.record_failure(address):
             self._evict(address, code.name)
         self._log_once(address, code.name, f"push to {address} failed: {_describe(err)}")
