@@ -6,22 +6,72 @@ Thread-safe: the sender threads and the membership thread share one PeerClient.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 import grpc
 
+from gosgd_p2p.security import Credentials
 from gosgd_p2p.v1 import gossip_pb2 as pb
 from gosgd_p2p.wire import Chunk, decode_chunk, grpc_options, split_for_streaming
 
-__all__ = ["PeerClient"]
+__all__ = ["PeerClient", "PushFailed"]
 
 SERVICE = "gosgd_p2p.v1.Gossip"
+T = TypeVar("T")
+
+#: Statuses our server gives only before committing a message: the push certainly failed.
+NOT_DELIVERED = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+
+
+class PushFailed(Exception):
+    """A push without an ack.
+
+    `maybe_delivered` is True when the receiver may have committed it: every chunk, the last
+    included, was handed to gRPC, and the status does not say the receiver refused it (a
+    deadline or a cut connection after the last chunk). Otherwise the push certainly failed.
+    """
+
+    def __init__(self, code: grpc.StatusCode, details: str, maybe_delivered: bool) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+        self.maybe_delivered = maybe_delivered
+
+
+class _Tracked(Iterable[T]):
+    """Yields the items of `items` and records when the last one has been taken."""
+
+    def __init__(self, items: Iterator[T]) -> None:
+        self._items = items
+        self.last_taken = False
+
+    def __iter__(self) -> Iterator[T]:
+        sentinel = object()
+        current = next(self._items, sentinel)
+        while current is not sentinel:
+            following = next(self._items, sentinel)
+            if following is sentinel:
+                self.last_taken = True
+            yield current  # type: ignore[misc]
+            current = following
 
 
 class PeerClient:
     """Channels to peers, opened on first use and closed by forget() or close()."""
 
-    def __init__(self) -> None:
+    def __init__(self, credentials: Credentials | None = None) -> None:
+        self._credentials = credentials or Credentials()
+        self._metadata = self._credentials.call_metadata()
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -32,24 +82,50 @@ class PeerClient:
                 raise RuntimeError("client is closed")
             channel = self._channels.get(address)
             if channel is None:
-                channel = grpc.insecure_channel(address, options=grpc_options())
+                options = grpc_options() + self._credentials.channel_options()
+                creds = self._credentials.channel_credentials()
+                if creds is None:
+                    channel = grpc.insecure_channel(address, options=options)
+                else:
+                    channel = grpc.secure_channel(address, creds, options=options)
                 self._channels[address] = channel
             return channel
 
     def push(
         self, address: str, header: pb.StateHeader, payload: memoryview, timeout: float
     ) -> pb.PushAck:
-        """Stream one message to `address`; returns its ack, raises grpc.RpcError on failure.
+        """Stream one message to `address` and return its ack; raise PushFailed otherwise.
 
         `payload` must stay unchanged until this returns.
         """
+        return self.push_chunks(address, split_for_streaming(header, payload), timeout)
+
+    def push_chunks(self, address: str, chunks: Iterator[bytes], timeout: float) -> pb.PushAck:
+        """Stream already-encoded chunks as one PushState call (push() and fault injection)."""
         call = self._channel(address).stream_unary(
             f"/{SERVICE}/PushState",
-            request_serializer=None,  # split_for_streaming yields wire bytes already
+            request_serializer=None,  # the chunks are wire bytes already
             response_deserializer=pb.PushAck.FromString,
         )
-        ack: pb.PushAck = call(split_for_streaming(header, payload), timeout=timeout)
+        tracked = _Tracked(chunks)
+        try:
+            ack: pb.PushAck = call(iter(tracked), timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            code = err.code()
+            maybe = tracked.last_taken and code not in NOT_DELIVERED
+            raise PushFailed(code, err.details() or "", maybe) from None
         return ack
+
+    def resolve(self, address: str, sender_id: str, message_id: int, timeout: float) -> int:
+        """Ask `address` for the final outcome of a push (a PushOutcome value)."""
+        call = self._channel(address).unary_unary(
+            f"/{SERVICE}/ResolvePush",
+            request_serializer=pb.ResolveRequest.SerializeToString,
+            response_deserializer=pb.ResolveReply.FromString,
+        )
+        request = pb.ResolveRequest(sender_id=sender_id, message_id=message_id)
+        reply: pb.ResolveReply = call(request, timeout=timeout, metadata=self._metadata)
+        return reply.outcome
 
     def hello(self, address: str, request: pb.HelloRequest, timeout: float) -> pb.HelloReply:
         """Exchange membership with `address`; raises grpc.RpcError on failure."""
@@ -58,7 +134,7 @@ class PeerClient:
             request_serializer=pb.HelloRequest.SerializeToString,
             response_deserializer=pb.HelloReply.FromString,
         )
-        reply: pb.HelloReply = call(request, timeout=timeout)
+        reply: pb.HelloReply = call(request, timeout=timeout, metadata=self._metadata)
         return reply
 
     def fetch(self, address: str, request: pb.FetchRequest, timeout: float) -> Iterator[Chunk]:
@@ -68,7 +144,7 @@ class PeerClient:
             request_serializer=pb.FetchRequest.SerializeToString,
             response_deserializer=None,  # decoded here, so a bad chunk is ours to report
         )
-        for raw in call(request, timeout=timeout):
+        for raw in call(request, timeout=timeout, metadata=self._metadata):
             yield decode_chunk(raw)
 
     def forget(self, address: str) -> None:

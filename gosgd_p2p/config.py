@@ -65,11 +65,17 @@ class NodeConfig:
     inbox_size: int = 4  # received messages waiting to be merged; more -> RESOURCE_EXHAUSTED
     send_buffers: int = 2  # snapshots in flight at once; a push finding none free is skipped
     push_timeout_s: float = 60.0  # deadline of one push (whole stream), seconds
+    receive_timeout_s: float = 60.0  # the server cuts an incoming stream after this, seconds
+    resolve_timeout_s: float = 30.0  # how long to settle a push whose ack was lost, seconds
     rpc_timeout_s: float = 5.0  # deadline of a membership call, seconds
     max_failures: int = 3  # consecutive failed calls before a peer is suspended
     hello_interval_s: float = 1.0  # mean seconds between membership rounds
     drain_timeout_s: float = 120.0  # finish(): longest wait for in-flight pushes, seconds
     server_workers: int = 16  # gRPC server threads (concurrent incoming calls)
+    token_file: str | None = None  # file holding the cluster secret; None: no token
+    tls_cert: str | None = None  # this node's certificate (PEM); with tls_key, tls_ca: mTLS
+    tls_key: str | None = None  # its private key (PEM)
+    tls_ca: str | None = None  # the cluster CA (PEM): peers must hold a certificate it signed
 
     def __post_init__(self) -> None:
         parse_address(self.listen)
@@ -88,7 +94,14 @@ class NodeConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.discovery_wait_s < 0:
             raise ValueError("discovery_wait_s must be >= 0")
-        for name in ("push_timeout_s", "rpc_timeout_s", "hello_interval_s", "drain_timeout_s"):
+        for name in (
+            "push_timeout_s",
+            "receive_timeout_s",
+            "resolve_timeout_s",
+            "rpc_timeout_s",
+            "hello_interval_s",
+            "drain_timeout_s",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0")
 

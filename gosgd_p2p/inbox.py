@@ -4,6 +4,10 @@ Two kinds of message enter: received ones (from the server, only while the node 
 applied at most once per (sender, message id)), and returned ones (our own pushes that could not
 be delivered; always accepted, since their weight has nowhere else to go). Only the training
 thread drains it.
+
+The inbox also remembers, for a bounded window, the fate of recent (sender, message id) pairs:
+COMMITTED, or ABORTED by a sender's ResolvePush. That memory is what makes redelivery
+idempotent and an unknown push outcome decidable (see GossipNode.resolve_push).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ class Inbox:
 
     def __init__(self, dedup_window: int = 4096) -> None:
         self._messages: deque[Message] = deque()
-        self._seen: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._fate: OrderedDict[tuple[str, int], str] = OrderedDict()  # "committed"/"aborted"
         self._dedup_window = dedup_window
         self._accepting = False
         self._lock = threading.Lock()
@@ -60,28 +64,44 @@ class Inbox:
         with self._lock:
             self._accepting = False
 
-    def seen(self, sender_id: str, message_id: int) -> bool:
-        """True if (sender_id, message_id) was already committed (within the window)."""
+    def fate(self, sender_id: str, message_id: int) -> str | None:
+        """ "committed", "aborted", or None if (sender_id, message_id) is not remembered."""
         with self._lock:
-            return (sender_id, message_id) in self._seen
+            return self._fate.get((sender_id, message_id))
+
+    def _remember(self, key: tuple[str, int], fate: str) -> None:
+        self._fate[key] = fate
+        if len(self._fate) > self._dedup_window:
+            self._fate.popitem(last=False)
 
     def commit(self, msg: Message) -> bool:
         """Commit a received message; returns False if it is a duplicate (nothing committed).
 
-        Raises Reject("precondition") when the inbox is closed. The caller keeps ownership of
-        the payload when this returns False or raises.
+        Raises Reject("precondition") when the inbox is closed or the sender has aborted this
+        message (ResolvePush). The caller keeps the payload when this returns False or raises.
         """
         key = (msg.sender_id, msg.message_id)
         with self._lock:
             if not self._accepting:
                 raise Reject("precondition", "draining", "node is not accepting pushes")
-            if key in self._seen:
+            fate = self._fate.get(key)
+            if fate == "committed":
                 return False
-            self._seen[key] = None
-            if len(self._seen) > self._dedup_window:
-                self._seen.popitem(last=False)
+            if fate == "aborted":
+                raise Reject("precondition", "aborted", "the sender took this message back")
+            self._remember(key, "committed")
             self._messages.append(msg)
             return True
+
+    def resolve(self, sender_id: str, message_id: int) -> str:
+        """Final fate of a push: "committed", or "aborted" (and then it can never commit)."""
+        key = (sender_id, message_id)
+        with self._lock:
+            fate = self._fate.get(key)
+            if fate is None:
+                fate = "aborted"
+                self._remember(key, fate)
+            return fate
 
     def put_returned(self, msg: Message) -> None:
         """Give an undelivered push back to its sender (always accepted)."""

@@ -31,12 +31,13 @@ import grpc
 import torch
 
 from gosgd_p2p import algorithm
-from gosgd_p2p.client import PeerClient
+from gosgd_p2p.client import PeerClient, PushFailed
 from gosgd_p2p.config import NodeConfig, parse_address, text_seed
 from gosgd_p2p.discovery import MdnsDiscovery, advertise_host
 from gosgd_p2p.inbox import Inbox, Message
 from gosgd_p2p.metrics import Counters
 from gosgd_p2p.peers import PeerTable
+from gosgd_p2p.security import Credentials
 from gosgd_p2p.server import GossipServer
 from gosgd_p2p.state import BufferPool, StateLayout, module_state
 from gosgd_p2p.v1 import gossip_pb2 as pb
@@ -81,7 +82,14 @@ class GossipNode:
     from the same point, as in the paper.
     """
 
-    def __init__(self, model: torch.nn.Module, config: NodeConfig | None = None, **overrides: Any):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: NodeConfig | None = None,
+        *,
+        client: PeerClient | None = None,
+        **overrides: Any,
+    ) -> None:
         cfg = replace(config or NodeConfig(), **overrides)
         self.config = cfg
         named = module_state(model)
@@ -117,9 +125,13 @@ class GossipNode:
         self._partners_lock = threading.Lock()
         self._alone_logged = False
 
-        self._client = PeerClient()
+        credentials = Credentials.from_files(cfg.token_file, cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
+        # `client` lets tests and benchmarks inject faults (gosgd_p2p.faults)
+        self._client = client or PeerClient(credentials)
         self._sender = ThreadPoolExecutor(cfg.send_buffers, thread_name_prefix="gosgd-send")
-        self._server = GossipServer(self, cfg.listen, cfg.server_workers)
+        self._server = GossipServer(
+            self, cfg.listen, cfg.server_workers, credentials, cfg.receive_timeout_s
+        )
         self._stop = threading.Event()
         self._rng_membership = random.Random(seed + 1)  # the training thread owns self._rng
         self._discovery: MdnsDiscovery | None = None
@@ -234,12 +246,8 @@ class GossipNode:
             candidates = self.peers.live()
             self._rng.shuffle(candidates)
             for peer in candidates:
-                try:
-                    self._client.push(
-                        peer.address, header, _byte_view(buf), self.config.push_timeout_s
-                    )
-                except grpc.RpcError as err:
-                    log.info("leave: %s refused our state (%s)", peer.address, err.code().name)
+                if self._deliver(peer.address, header, _byte_view(buf)) is None:
+                    log.info("leave: %s did not take our state", peer.address)
                     continue
                 handed, self.weight = self.weight, 0.0
                 self.counters.add("pushes_acked")
@@ -473,42 +481,105 @@ class GossipNode:
 
     def _push_task(self, address: str, header: pb.StateHeader, msg: Message) -> None:
         try:
-            ack = self._client.push(
-                address, header, _byte_view(msg.payload), self.config.push_timeout_s
-            )
-        except grpc.RpcError as err:
-            self._push_failed(address, err)
-            self.inbox.put_returned(msg)  # nothing lost: the weight comes home
-            self.counters.add("pushes_returned")
-        except Exception:  # a bug must not lose the weight either
-            log.exception("push to %s failed unexpectedly", address)
-            self.inbox.put_returned(msg)
-            self.counters.add("pushes_returned")
-        else:
-            self.peers.record_success(address)
-            self._add_partner(ack.receiver_id)
-            self.counters.add("pushes_acked")
-            self.counters.add("bytes_sent", self.layout.nbytes)
-            msg.release(msg.payload)
+            try:
+                ack = self._deliver(address, header, _byte_view(msg.payload))
+            except Exception:  # a bug must not lose the weight either
+                log.exception("push to %s failed unexpectedly", address)
+                ack = None
+            if ack is None:
+                self.inbox.put_returned(msg)  # nothing lost: the weight comes home
+                self.counters.add("pushes_returned")
+            else:
+                self._add_partner(ack.receiver_id)
+                self.counters.add("pushes_acked")
+                self.counters.add("bytes_sent", self.layout.nbytes)
+                msg.release(msg.payload)
         finally:
             with self._inflight_cv:
                 self._inflight -= 1
                 self._inflight_cv.notify_all()
 
-    def _push_failed(self, address: str, err: grpc.RpcError) -> None:
-        code = err.code()
-        if code == grpc.StatusCode.FAILED_PRECONDITION and "not accepting" in (err.details() or ""):
+    def _deliver(
+        self, address: str, header: pb.StateHeader, payload: memoryview
+    ) -> pb.PushAck | None:
+        """Push one message and settle its fate (sender threads and leave()).
+
+        Returns the ack when the receiver holds the message, None when it certainly does not
+        (the caller then takes the weight back). A push is only ever "maybe delivered" when
+        its last chunk left and no ack came back (a cut connection, a deadline): then the
+        receiver alone knows, and `_resolve` asks it.
+        """
+        try:
+            ack = self._client.push(address, header, payload, self.config.push_timeout_s)
+        except PushFailed as err:
+            self._push_failed(address, err)
+            if not err.maybe_delivered:
+                return None
+            return self._resolve(address, header)
+        self.peers.record_success(address)
+        return ack
+
+    def _resolve(self, address: str, header: pb.StateHeader) -> pb.PushAck | None:
+        """Settle a push whose ack was lost, by asking its receiver (ResolvePush).
+
+        Why this is exact: the receiver commits a message only under its inbox lock, after
+        checking that the message was not aborted, and ResolvePush answers under the same lock
+        either COMMITTED (it has it: the weight is the receiver's) or ABORTED (it does not,
+        and records that it never will: a late stream of the same message is refused). Either
+        answer is final, so the weight is counted once. The one case left is a receiver that
+        never answers within resolve_timeout_s: if it crashed, its own weight (and anything it
+        had committed) is gone anyway and the weight must come back to us; if it is alive but
+        unreachable for that long, taking the weight back may count it twice. We take it back
+        and log a warning with the amount: losing weight silently is the worse failure.
+        """
+        deadline = time.monotonic() + self.config.resolve_timeout_s
+        delay = 0.1
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                outcome = self._client.resolve(
+                    address,
+                    header.sender_id,
+                    header.message_id,
+                    timeout=max(0.1, min(self.config.rpc_timeout_s, left)),
+                )
+            except grpc.RpcError as err:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop.is_set():
+                    self.counters.add("pushes_in_doubt")
+                    log.warning(
+                        "push %d to %s: outcome still unknown (%s); taking weight %.6g back "
+                        "(if that peer is alive and had committed it, it is counted twice)",
+                        header.message_id,
+                        address,
+                        err.code().name,
+                        header.weight,
+                    )
+                    return None
+                self._stop.wait(min(delay, left))
+                delay = min(delay * 2, 2.0)
+                continue
+            if outcome == pb.PUSH_OUTCOME_COMMITTED:
+                self.counters.add("pushes_resolved_committed")
+                peer = self.peers.get(address)
+                return pb.PushAck(receiver_id=(peer.node_id if peer and peer.node_id else ""))
+            self.counters.add("pushes_resolved_aborted")
+            return None
+
+    def _push_failed(self, address: str, err: PushFailed) -> None:
+        code = err.code
+        if code == grpc.StatusCode.FAILED_PRECONDITION and "not accepting" in err.details:
             self.peers.mark_left(address)
             self._log_once(address, "draining", f"{address} is draining; not pushing there")
             return
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             # A full inbox is back-pressure from a live peer, not a sign that it is gone.
             self.counters.add("pushes_busy")
-            self._log_once(address, "busy", f"{address} is busy: {err.details()}")
+            self._log_once(address, "busy", f"{address} is busy: {err.details}")
             return
         if self.peers.record_failure(address):
             self._evict(address, code.name)
-        self._log_once(address, code.name, f"push to {address} failed: {_describe(err)}")
+        self._log_once(address, code.name, f"push to {address} failed: {err}")
 
     # --- server threads (NodeBridge) -----------------------------------------------------------
 
@@ -518,9 +589,12 @@ class GossipNode:
         check_header(header, self._expect)
         if not self.inbox.accepting:
             raise Reject("precondition", "draining", "node is not accepting pushes")
-        if self.inbox.seen(header.sender_id, header.message_id):
+        fate = self.inbox.fate(header.sender_id, header.message_id)
+        if fate == "committed":  # a redelivery: acknowledge, apply once
             self.counters.add("pushes_duplicate")
             return pb.PushAck(receiver_id=self.config.node_id, duplicate=True)
+        if fate == "aborted":
+            raise Reject("precondition", "aborted", "the sender took this message back")
         buf = self._recv_pool.acquire()
         if buf is None:
             raise Reject("exhausted", "inbox_full", "inbox full; try another peer")
@@ -607,9 +681,18 @@ class GossipNode:
             accepting=self.inbox.accepting,
         )
 
+    def resolve_push(self, request: pb.ResolveRequest, peer: str) -> pb.ResolveReply:
+        """The final outcome of a push whose sender lost the ack (see _resolve)."""
+        fate = self.inbox.resolve(request.sender_id, request.message_id)
+        self.counters.add(f"resolved_{fate}")
+        if fate == "committed":
+            return pb.ResolveReply(outcome=pb.PUSH_OUTCOME_COMMITTED)
+        return pb.ResolveReply(outcome=pb.PUSH_OUTCOME_ABORTED)
+
     def rejected(self, reject: Reject, peer: str) -> None:
         self.counters.add(f"rejected_{reject.counter}")
-        self._log_once(peer, reject.counter, f"refused a call from {peer}: {reject.reason}")
+        host = _peer_host(peer)  # once per host and reason, whatever port each call came from
+        self._log_once(host, reject.counter, f"refused a call from {host}: {reject.reason}")
 
     # --- membership thread ---------------------------------------------------------------------
 
@@ -670,9 +753,8 @@ class GossipNode:
         return reply
 
     def _membership_loop(self) -> None:
-        while not self._stop.wait(
-            self.config.hello_interval_s * self._rng_membership.uniform(0.5, 1.5)
-        ):
+        interval = self.config.hello_interval_s
+        while not self._stop.wait(interval * self._rng_membership.uniform(0.5, 1.5)):
             known = self.peers.all()
             # Everyone heard of but never called, plus a few at random to refresh liveness.
             fresh = [p.address for p in known if not p.confirmed]
@@ -680,6 +762,11 @@ class GossipNode:
             picks = fresh + self._rng_membership.sample(others, min(2, len(others)))
             if picks:
                 self._hello_round(picks)
+            # live peers heard of but not met yet are worth a quick second round
+            unmet = any(not p.confirmed and p.status == "live" for p in self.peers.all())
+            interval = (
+                min(0.2, self.config.hello_interval_s) if unmet else self.config.hello_interval_s
+            )
 
     # --- shared helpers ------------------------------------------------------------------------
 
@@ -701,6 +788,15 @@ class GossipNode:
         self._server.stop(grace)
         self._sender.shutdown(wait=True)
         self._client.close()
+
+
+def _peer_host(peer: str) -> str:
+    """ "ipv4:10.0.0.2:51234" -> "10.0.0.2"; "ipv6:[::1]:5" -> "::1"; other forms unchanged."""
+    kind, _, rest = peer.partition(":")
+    if kind not in ("ipv4", "ipv6") or not rest:
+        return peer or "unknown peer"
+    host = rest.rpartition(":")[0] or rest
+    return host.strip("[]")
 
 
 def _describe(err: BaseException) -> str:

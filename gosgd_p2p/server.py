@@ -6,7 +6,11 @@ and server reflection (so grpcurl and friends can inspect a node).
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
@@ -15,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gosgd_p2p.security import Credentials, TokenInterceptor
 from gosgd_p2p.v1 import gossip_pb2 as pb
 from gosgd_p2p.wire import Chunk, Reject, decode_chunk, grpc_options
 
@@ -48,6 +53,10 @@ class NodeBridge(Protocol):
         """Answer a membership exchange."""
         ...
 
+    def resolve_push(self, request: pb.ResolveRequest, peer: str) -> pb.ResolveReply:
+        """Final outcome of a push whose sender got no ack."""
+        ...
+
     def rejected(self, reject: Reject, peer: str) -> None:
         """Count (and log once per peer and reason) a refused call."""
         ...
@@ -58,9 +67,61 @@ def _decoded(raw_chunks: Iterable[bytes]) -> Iterator[Chunk]:
         yield decode_chunk(raw)
 
 
+class Watchdog:
+    """Cancels calls that outlive their deadline, so a slow or stalled peer cannot hold a
+    server thread or a receive buffer. One thread serves every call of a server."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, grpc.ServicerContext]] = []
+        self._active: set[int] = set()
+        self._seq = itertools.count()
+        self._cv = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="gosgd-watchdog", daemon=True)
+        self._thread.start()
+
+    def watch(self, context: grpc.ServicerContext, seconds: float) -> int:
+        """Cancel `context` after `seconds` unless done(ticket) is called first."""
+        with self._cv:
+            ticket = next(self._seq)
+            heapq.heappush(self._heap, (time.monotonic() + seconds, ticket, context))
+            self._active.add(ticket)
+            self._cv.notify()
+            return ticket
+
+    def done(self, ticket: int) -> None:
+        with self._cv:
+            self._active.discard(ticket)
+
+    def _run(self) -> None:
+        with self._cv:
+            while not self._stopped:
+                while self._heap and self._heap[0][1] not in self._active:
+                    heapq.heappop(self._heap)  # finished in time
+                if not self._heap:
+                    self._cv.wait()
+                    continue
+                deadline, ticket, context = self._heap[0]
+                left = deadline - time.monotonic()
+                if left > 0:
+                    self._cv.wait(left)
+                    continue
+                heapq.heappop(self._heap)
+                self._active.discard(ticket)
+                context.cancel()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+        self._thread.join()
+
+
 class _Servicer:
-    def __init__(self, bridge: NodeBridge) -> None:
+    def __init__(self, bridge: NodeBridge, watchdog: Watchdog, receive_timeout_s: float) -> None:
         self._bridge = bridge
+        self._watchdog = watchdog
+        self._receive_timeout_s = receive_timeout_s
 
     def _refuse(self, reject: Reject, context: grpc.ServicerContext) -> None:
         self._bridge.rejected(reject, context.peer())
@@ -69,33 +130,63 @@ class _Servicer:
     def push_state(
         self, request_iterator: Iterable[bytes], context: grpc.ServicerContext
     ) -> pb.PushAck:
+        ticket = self._watchdog.watch(context, self._receive_timeout_s)
         try:
             return self._bridge.receive_push(_decoded(request_iterator), context.peer())
         except Reject as reject:
             self._refuse(reject, context)
             raise AssertionError("unreachable: abort raises") from None
+        finally:
+            self._watchdog.done(ticket)
 
     def fetch_state(
         self, request: pb.FetchRequest, context: grpc.ServicerContext
     ) -> Iterator[bytes]:
+        ticket = self._watchdog.watch(context, self._receive_timeout_s)
         try:
             yield from self._bridge.donate_state(request, context.peer())
         except Reject as reject:
             self._refuse(reject, context)
+        finally:
+            self._watchdog.done(ticket)
 
     def hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloReply:
         return self._bridge.hello(request, context.peer())
+
+    def resolve_push(
+        self, request: pb.ResolveRequest, context: grpc.ServicerContext
+    ) -> pb.ResolveReply:
+        return self._bridge.resolve_push(request, context.peer())
 
 
 class GossipServer:
     """A started gRPC server bound to `listen`; `port` is the bound port (useful with port 0)."""
 
-    def __init__(self, bridge: NodeBridge, listen: str, workers: int = 16) -> None:
+    def __init__(
+        self,
+        bridge: NodeBridge,
+        listen: str,
+        workers: int = 16,
+        credentials: Credentials | None = None,
+        receive_timeout_s: float = 60.0,
+    ) -> None:
+        credentials = credentials or Credentials()
+        interceptors = []
+        if credentials.token is not None:
+
+            def unauthenticated(method: str) -> None:
+                bridge.rejected(Reject("unauthenticated", "token", f"no token for {method}"), "")
+
+            interceptors.append(TokenInterceptor(credentials.token, unauthenticated))
         self._server = grpc.server(
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gosgd-rpc"),
             options=grpc_options(),
+            interceptors=interceptors,
+            # beyond this, calls get RESOURCE_EXHAUSTED at once instead of queueing
+            maximum_concurrent_rpcs=workers,
         )
-        servicer = _Servicer(bridge)
+        self._watchdog = Watchdog()
+        servicer = _Servicer(bridge, self._watchdog, receive_timeout_s)
         handlers = {
             "PushState": grpc.stream_unary_rpc_method_handler(
                 servicer.push_state,
@@ -112,6 +203,11 @@ class GossipServer:
                 request_deserializer=pb.HelloRequest.FromString,
                 response_serializer=pb.HelloReply.SerializeToString,
             ),
+            "ResolvePush": grpc.unary_unary_rpc_method_handler(
+                servicer.resolve_push,
+                request_deserializer=pb.ResolveRequest.FromString,
+                response_serializer=pb.ResolveReply.SerializeToString,
+            ),
         }
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE, handlers),)
@@ -123,10 +219,16 @@ class GossipServer:
         )
         self.set_serving(False)
         try:
-            self.port = self._server.add_insecure_port(listen)
+            server_creds = credentials.server_credentials()
+            if server_creds is None:
+                self.port = self._server.add_insecure_port(listen)
+            else:
+                self.port = self._server.add_secure_port(listen, server_creds)
         except RuntimeError as err:
+            self._watchdog.stop()
             raise OSError(f"cannot listen on {listen}: {err}") from None
         if self.port == 0:
+            self._watchdog.stop()
             raise OSError(f"cannot listen on {listen}: address in use or not available")
         self._server.start()
 
@@ -144,3 +246,4 @@ class GossipServer:
         """Refuse new calls, let running ones finish for up to `grace` seconds, then stop."""
         self.health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
+        self._watchdog.stop()

@@ -36,6 +36,7 @@ def test_sigterm_hands_the_whole_weight_to_a_peer(node_processes) -> None:
     a = node_processes("a", *args, "--steps", "500")
     b = node_processes("b", *args, "--steps", "500", "--peers", a.address)
     c = node_processes("c", *args, "--steps", "100000", "--peers", a.address)
+    wait_until(lambda: all(n.records() for n in (a, b, c)), 120, "all three to start training")
     wait_until(lambda: any(r["step"] >= 60 for r in c.records()), 120, "c to train 60 steps")
     c.terminate()
     assert c.wait(60) == 0, c.stderr()

@@ -153,6 +153,7 @@ def test_kill_9_loses_one_node_and_the_rest_finish(node_processes) -> None:
     a = node_processes("a", *args, "--steps", "600")
     b = node_processes("b", *args, "--steps", "600", "--peers", a.address)
     c = node_processes("c", *args, "--steps", "100000", "--peers", a.address)
+    wait_until(lambda: all(n.records() for n in (a, b, c)), 120, "all three to start training")
     wait_until(lambda: any(r["step"] >= 60 for r in c.records()), 120, "c to train")
     c.kill()
     c.wait(30)

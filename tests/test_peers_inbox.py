@@ -179,7 +179,7 @@ def test_a_closed_inbox_refuses_received_messages() -> None:
         inbox.commit(_msg())
     assert err.value.kind == "precondition"
     assert len(inbox) == 0
-    assert not inbox.seen("s", 0)  # a refused message can be delivered later
+    assert inbox.fate("s", 0) is None  # a refused message can be delivered later
     inbox.open()
     assert inbox.commit(_msg())
     inbox.close()
@@ -196,7 +196,7 @@ def test_a_duplicate_is_committed_once() -> None:
     assert inbox.commit(_msg("a", 1)) is False
     assert inbox.commit(_msg("b", 1)) is True  # another sender, same id
     assert inbox.commit(_msg("a", 2)) is True
-    assert inbox.seen("a", 1) and not inbox.seen("a", 3)
+    assert inbox.fate("a", 1) == "committed" and inbox.fate("a", 3) is None
     assert [(m.sender_id, m.message_id) for m in inbox.drain()] == [("a", 1), ("b", 1), ("a", 2)]
     assert inbox.commit(_msg("a", 1)) is False  # remembered after the drain too
 
@@ -206,10 +206,10 @@ def test_the_dedup_window_is_bounded() -> None:
     inbox.open()
     for i in range(4):
         assert inbox.commit(_msg("a", i))
-    assert not inbox.seen("a", 0)  # the oldest is forgotten
-    assert all(inbox.seen("a", i) for i in (1, 2, 3))
+    assert inbox.fate("a", 0) is None  # the oldest is forgotten
+    assert all(inbox.fate("a", i) == "committed" for i in (1, 2, 3))
     assert inbox.commit(_msg("a", 0)) is True
-    assert not inbox.seen("a", 1)
+    assert inbox.fate("a", 1) is None
     assert len(inbox) == 5
 
 
@@ -255,3 +255,22 @@ def test_concurrent_redelivery_commits_each_message_once() -> None:
         assert not t.is_alive()
     assert results.count(True) == 200
     assert sorted(m.message_id for m in inbox.drain()) == list(range(200))
+
+
+def test_resolve_aborts_an_unknown_message_for_good() -> None:
+    inbox = Inbox()
+    inbox.open()
+    assert inbox.resolve("a", 5) == "aborted"
+    with pytest.raises(Reject) as info:
+        inbox.commit(_msg("a", 5))  # a late stream of the aborted push
+    assert info.value.counter == "aborted"
+    assert len(inbox) == 0
+    assert inbox.resolve("a", 5) == "aborted"  # asking again gives the same answer
+
+
+def test_resolve_reports_a_committed_message() -> None:
+    inbox = Inbox()
+    inbox.open()
+    assert inbox.commit(_msg("a", 6))
+    assert inbox.resolve("a", 6) == "committed"
+    assert not inbox.commit(_msg("a", 6))  # and redelivery stays a duplicate

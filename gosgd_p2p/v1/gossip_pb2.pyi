@@ -11,8 +11,17 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ENCODING_UNSPECIFIED: _ClassVar[Encoding]
     ENCODING_FP32: _ClassVar[Encoding]
+
+class PushOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PUSH_OUTCOME_UNSPECIFIED: _ClassVar[PushOutcome]
+    PUSH_OUTCOME_COMMITTED: _ClassVar[PushOutcome]
+    PUSH_OUTCOME_ABORTED: _ClassVar[PushOutcome]
 ENCODING_UNSPECIFIED: Encoding
 ENCODING_FP32: Encoding
+PUSH_OUTCOME_UNSPECIFIED: PushOutcome
+PUSH_OUTCOME_COMMITTED: PushOutcome
+PUSH_OUTCOME_ABORTED: PushOutcome
 
 class StateHeader(_message.Message):
     __slots__ = ("sender_id", "message_id", "weight", "fingerprint", "encoding", "payload_bytes", "sender_step", "cluster", "protocol_version", "sender_address")
@@ -107,3 +116,17 @@ class HelloReply(_message.Message):
     has_state: bool
     accepting: bool
     def __init__(self_, self: _Optional[_Union[PeerInfo, _Mapping]] = ..., cluster: _Optional[str] = ..., protocol_version: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., step: _Optional[int] = ..., has_state: _Optional[bool] = ..., accepting: _Optional[bool] = ...) -> None: ...
+
+class ResolveRequest(_message.Message):
+    __slots__ = ("sender_id", "message_id")
+    SENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    sender_id: str
+    message_id: int
+    def __init__(self, sender_id: _Optional[str] = ..., message_id: _Optional[int] = ...) -> None: ...
+
+class ResolveReply(_message.Message):
+    __slots__ = ("outcome",)
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    outcome: PushOutcome
+    def __init__(self, outcome: _Optional[_Union[PushOutcome, str]] = ...) -> None: ...

@@ -51,6 +51,11 @@ class GossipStub:
                 request_serializer=gosgd__p2p_dot_v1_dot_gossip__pb2.HelloRequest.SerializeToString,
                 response_deserializer=gosgd__p2p_dot_v1_dot_gossip__pb2.HelloReply.FromString,
                 _registered_method=True)
+        self.ResolvePush = channel.unary_unary(
+                '/gosgd_p2p.v1.Gossip/ResolvePush',
+                request_serializer=gosgd__p2p_dot_v1_dot_gossip__pb2.ResolveRequest.SerializeToString,
+                response_deserializer=gosgd__p2p_dot_v1_dot_gossip__pb2.ResolveReply.FromString,
+                _registered_method=True)
 
 
 class GossipServicer:
@@ -83,6 +88,15 @@ class GossipServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResolvePush(self, request, context):
+        """Settle a push whose outcome the sender does not know (its stream was fully sent but no
+        ack came back). The answer is final: ABORTED also guarantees that this message will never
+        be committed later, so the sender may take its weight back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GossipServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -100,6 +114,11 @@ def add_GossipServicer_to_server(servicer, server):
                     servicer.Hello,
                     request_deserializer=gosgd__p2p_dot_v1_dot_gossip__pb2.HelloRequest.FromString,
                     response_serializer=gosgd__p2p_dot_v1_dot_gossip__pb2.HelloReply.SerializeToString,
+            ),
+            'ResolvePush': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolvePush,
+                    request_deserializer=gosgd__p2p_dot_v1_dot_gossip__pb2.ResolveRequest.FromString,
+                    response_serializer=gosgd__p2p_dot_v1_dot_gossip__pb2.ResolveReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -185,6 +204,33 @@ class Gossip:
             '/gosgd_p2p.v1.Gossip/Hello',
             gosgd__p2p_dot_v1_dot_gossip__pb2.HelloRequest.SerializeToString,
             gosgd__p2p_dot_v1_dot_gossip__pb2.HelloReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolvePush(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gosgd_p2p.v1.Gossip/ResolvePush',
+            gosgd__p2p_dot_v1_dot_gossip__pb2.ResolveRequest.SerializeToString,
+            gosgd__p2p_dot_v1_dot_gossip__pb2.ResolveReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,141 @@
+"""Who may talk to a node: a shared cluster token, and optional mutual TLS.
+
+- Token: every call carries metadata `x-gosgd-token`; the server compares it in constant time
+  and answers UNAUTHENTICATED otherwise. Every RPC needs it except grpc.health.v1 (so probes
+  work without the secret).
+- Mutual TLS: the server requires a client certificate signed by the cluster CA, and clients
+  verify the server's. Node certificates carry the DNS name TLS_TARGET_NAME, which clients
+  expect whatever address they dial (peers are found by IP, not by name).
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+__all__ = ["TLS_TARGET_NAME", "TOKEN_METADATA_KEY", "Credentials", "TokenInterceptor"]
+
+#: Call metadata key of the cluster token.
+TOKEN_METADATA_KEY = "x-gosgd-token"
+#: The DNS name every node certificate carries and every client verifies.
+TLS_TARGET_NAME = "gosgd-node"
+#: Services callable without the token.
+OPEN_SERVICES = ("/grpc.health.v1.Health/",)
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise ValueError(f"cannot read {what} {path}: {err.strerror}") from None
+    if not data.strip():
+        raise ValueError(f"{what} {path} is empty")
+    return data
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """The secrets a node uses on both ends; empty means an open (insecure) cluster."""
+
+    token: bytes | None = None
+    cert: bytes | None = None  # this node's certificate chain (PEM)
+    key: bytes | None = None  # its private key (PEM)
+    ca: bytes | None = None  # the cluster CA certificate (PEM)
+
+    @classmethod
+    def from_files(
+        cls,
+        token_file: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_ca: str | None = None,
+    ) -> Credentials:
+        """Load the configured files; ValueError with one line naming the problem."""
+        token = _read(token_file, "token file").strip() if token_file else None
+        tls = [tls_cert, tls_key, tls_ca]
+        if any(tls) and not all(tls):
+            raise ValueError("mutual TLS needs all of --tls-cert, --tls-key and --tls-ca")
+        if tls_cert and tls_key and tls_ca:
+            return cls(
+                token,
+                _read(tls_cert, "TLS certificate"),
+                _read(tls_key, "TLS key"),
+                _read(tls_ca, "TLS CA"),
+            )
+        return cls(token)
+
+    @property
+    def tls(self) -> bool:
+        return self.cert is not None
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        if not self.tls:
+            return None
+        assert self.key is not None and self.cert is not None
+        return grpc.ssl_server_credentials(
+            [(self.key, self.cert)], root_certificates=self.ca, require_client_auth=True
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        if not self.tls:
+            return None
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
+        )
+
+    def channel_options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", TLS_TARGET_NAME)] if self.tls else []
+
+    def call_metadata(self) -> tuple[tuple[str, str], ...] | None:
+        if self.token is None:
+            return None
+        return ((TOKEN_METADATA_KEY, self.token.decode()),)
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    """Refuses every call without the cluster token (health checks excepted).
+
+    `on_reject(method, peer_hint)` is called for each refused call, for counters and logs.
+    """
+
+    def __init__(self, token: bytes, on_reject: Callable[[str], None]) -> None:
+        self._token = token
+        self._on_reject = on_reject
+
+    def intercept_service(
+        self, continuation: Callable[[Any], Any], handler_call_details: Any
+    ) -> Any:
+        method: str = handler_call_details.method
+        if method.startswith(OPEN_SERVICES):
+            return continuation(handler_call_details)
+        presented = b""
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == TOKEN_METADATA_KEY:
+                presented = value.encode() if isinstance(value, str) else value
+        if hmac.compare_digest(presented, self._token):
+            return continuation(handler_call_details)
+        self._on_reject(method)
+        handler = continuation(handler_call_details)
+        return _refusal(handler)
+
+
+def _refusal(handler: Any) -> Any:
+    """A handler of the same shape as `handler` that answers UNAUTHENTICATED."""
+
+    def deny(_request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong cluster token")
+
+    if handler is None:
+        return None
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(deny)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(deny)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(deny)
+    return grpc.unary_unary_rpc_method_handler(deny)
