@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=node.discovery_wait_s,
         help="seconds of mDNS listening before founding or joining",
     )
+    sec = p.add_argument_group("security")
+    sec.add_argument("--token-file", default=None, help="file with the cluster secret")
+    sec.add_argument("--tls-cert", default=None, help="this node's certificate (PEM)")
+    sec.add_argument("--tls-key", default=None, help="this node's private key (PEM)")
+    sec.add_argument("--tls-ca", default=None, help="cluster CA (PEM); mutual TLS with the above")
     gossip = p.add_argument_group("gossip")
     gossip.add_argument("--p", type=float, default=node.p, help="push probability per step")
     gossip.add_argument("--inbox-size", type=int, default=node.inbox_size)
@@ -84,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--eval-every", type=int, default=train.eval_every, help="steps; 0 = end")
     out.add_argument("--log-json", default=None, help="append one JSON line per evaluation")
     out.add_argument("--save-final", default=None, help="torch.save the final state and weight")
+    out.add_argument("--checkpoint-dir", default=None, help="resume from and write checkpoints")
+    out.add_argument("--checkpoint-every", type=int, default=train.checkpoint_every, help="steps")
     out.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -103,6 +110,10 @@ def configs_from_args(args: argparse.Namespace) -> tuple[NodeConfig, TrainConfig
         "inbox_size": args.inbox_size,
         "send_buffers": args.send_buffers,
         "push_timeout_s": args.push_timeout,
+        "token_file": args.token_file,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "tls_ca": args.tls_ca,
     }
     if args.node_id:
         node_kw["node_id"] = args.node_id

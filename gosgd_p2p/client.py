@@ -101,19 +101,23 @@ class PeerClient:
         return self.push_chunks(address, split_for_streaming(header, payload), timeout)
 
     def push_chunks(self, address: str, chunks: Iterator[bytes], timeout: float) -> pb.PushAck:
-        """Stream already-encoded chunks as one PushState call (push() and fault injection)."""
+        """Stream already-encoded chunks as one PushState call; raise PushFailed on failure."""
+        tracked = _Tracked(chunks)
+        try:
+            return self.stream_raw(address, iter(tracked), timeout)
+        except grpc.RpcError as err:
+            code = err.code()
+            maybe = tracked.last_taken and code not in NOT_DELIVERED
+            raise PushFailed(code, err.details() or "", maybe) from None
+
+    def stream_raw(self, address: str, chunks: Iterator[bytes], timeout: float) -> pb.PushAck:
+        """One PushState call with these wire chunks; raises grpc.RpcError (fault injection)."""
         call = self._channel(address).stream_unary(
             f"/{SERVICE}/PushState",
             request_serializer=None,  # the chunks are wire bytes already
             response_deserializer=pb.PushAck.FromString,
         )
-        tracked = _Tracked(chunks)
-        try:
-            ack: pb.PushAck = call(iter(tracked), timeout=timeout, metadata=self._metadata)
-        except grpc.RpcError as err:
-            code = err.code()
-            maybe = tracked.last_taken and code not in NOT_DELIVERED
-            raise PushFailed(code, err.details() or "", maybe) from None
+        ack: pb.PushAck = call(chunks, timeout=timeout, metadata=self._metadata)
         return ack
 
     def resolve(self, address: str, sender_id: str, message_id: int, timeout: float) -> int:

@@ -125,6 +125,8 @@ class TrainConfig:
     save_final: str | None = None  # file to write the final state and weight to (torch.save)
     wait_for_peers: int = 0  # founders wait until they know this many live peers
     wait_timeout_s: float = 60.0  # ... for at most this long, seconds
+    checkpoint_dir: str | None = None  # resume from / write checkpoints here; None: none
+    checkpoint_every: int = 100  # steps between checkpoints (with checkpoint_dir)
     seed: int | None = None  # data-order seed; None: derived from the node id
     threads: int | None = None  # torch CPU threads; None: torch's default
 
@@ -134,6 +136,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.eval_every < 0:
             raise ValueError("eval_every must be >= 0")
+        if self.checkpoint_every < 1:
+            raise ValueError("checkpoint_every must be at least 1")
         if not self.lr > 0:
             raise ValueError("lr must be > 0")
         if not 0.0 <= self.momentum < 1.0:

@@ -93,6 +93,20 @@ class Inbox:
             self._messages.append(msg)
             return True
 
+    def retract(self, msg: Message) -> bool:
+        """Take a just-committed message back out, if it is still waiting; True if it was.
+
+        Its fate becomes "aborted", so it is refused if sent again under the same id.
+        """
+        key = (msg.sender_id, msg.message_id)
+        with self._lock:
+            for i, waiting in enumerate(self._messages):
+                if waiting is msg:
+                    del self._messages[i]
+                    self._fate[key] = "aborted"
+                    return True
+            return False
+
     def resolve(self, sender_id: str, message_id: int) -> str:
         """Final fate of a push: "committed", or "aborted" (and then it can never commit)."""
         key = (sender_id, message_id)

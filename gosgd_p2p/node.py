@@ -21,7 +21,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import replace
@@ -62,6 +62,13 @@ HELLO_PEERS = 64
 LOG_ONCE_LIMIT = 1024
 
 
+class Lost:
+    """Outcome of a push whose receiver vanished, possibly holding it: written off."""
+
+
+LOST = Lost()
+
+
 class JoinError(RuntimeError):
     """A joining node could not obtain a state from any peer."""
 
@@ -75,9 +82,10 @@ def _byte_view(buf: torch.Tensor) -> memoryview:
 class GossipNode:
     """One GoSGD node: a gRPC server, a sender, an inbox and a peer table around `model`.
 
-    The constructor binds the server, contacts the seed peers and decides whether this node
-    founds the cluster (weight 1.0, its own initial state) or joins a running one (weight 0,
-    then the state and half the weight of a random peer, fetched before it returns). Create the
+    The constructor binds the server, contacts the seed peers (and listens for mDNS peers) and
+    decides whether this node founds the cluster (weight `founder_weight`, its own initial
+    state) or joins a running one (weight 0, then the state and half the weight of a random
+    peer, fetched before it returns). `client` replaces the PeerClient (fault injection). Create the
     model from the same seed on every founder (`gosgd_p2p.cluster_seed`), so founders start
     from the same point, as in the paper.
     """
@@ -88,6 +96,7 @@ class GossipNode:
         config: NodeConfig | None = None,
         *,
         client: PeerClient | None = None,
+        founder_weight: float = 1.0,
         **overrides: Any,
     ) -> None:
         cfg = replace(config or NodeConfig(), **overrides)
@@ -164,12 +173,15 @@ class GossipNode:
                 self._stop.wait(cfg.discovery_wait_s)
 
             # founder or joiner: join when a peer is already training
-            replies = self._hello_round([p.address for p in self.peers.all()])
+            replies = self._survey([p.address for p in self.peers.all()])
             donors = [a for a, r in replies.items() if r.has_state and r.step > 0 and r.accepting]
+            #: True when this node joined a running cluster, False when it founded one.
+            self.joined = bool(donors)
             if donors:
                 self._join(donors)
             else:
-                self.weight = 1.0  # founders start with a = 1: only ratios matter
+                # founders start with a = 1 (only ratios matter), or a checkpoint's weight
+                self.weight = algorithm.check_weight(founder_weight, positive=True)
             self._has_state = True
             self.inbox.open()
             self._server.set_serving(True)
@@ -246,9 +258,14 @@ class GossipNode:
             candidates = self.peers.live()
             self._rng.shuffle(candidates)
             for peer in candidates:
-                if self._deliver(peer.address, header, _byte_view(buf)) is None:
+                outcome = self._deliver(peer.address, header, _byte_view(buf))
+                if outcome is None:
                     log.info("leave: %s did not take our state", peer.address)
                     continue
+                if isinstance(outcome, Lost):
+                    self.weight = 0.0
+                    log.warning("leave: %s vanished with our weight", peer.address)
+                    return 0.0
                 handed, self.weight = self.weight, 0.0
                 self.counters.add("pushes_acked")
                 self.counters.add("bytes_sent", self.layout.nbytes)
@@ -489,6 +506,8 @@ class GossipNode:
             if ack is None:
                 self.inbox.put_returned(msg)  # nothing lost: the weight comes home
                 self.counters.add("pushes_returned")
+            elif isinstance(ack, Lost):
+                msg.release(msg.payload)  # written off with the peer that vanished
             else:
                 self._add_partner(ack.receiver_id)
                 self.counters.add("pushes_acked")
@@ -501,13 +520,13 @@ class GossipNode:
 
     def _deliver(
         self, address: str, header: pb.StateHeader, payload: memoryview
-    ) -> pb.PushAck | None:
+    ) -> pb.PushAck | None | Lost:
         """Push one message and settle its fate (sender threads and leave()).
 
         Returns the ack when the receiver holds the message, None when it certainly does not
-        (the caller then takes the weight back). A push is only ever "maybe delivered" when
-        its last chunk left and no ack came back (a cut connection, a deadline): then the
-        receiver alone knows, and `_resolve` asks it.
+        (the caller then takes the weight back), LOST when the receiver vanished with it. A
+        push is only ever "maybe delivered" when its last chunk left and no ack came back (a
+        cut connection, a deadline): then the receiver alone knows, and `_resolve` asks it.
         """
         try:
             ack = self._client.push(address, header, payload, self.config.push_timeout_s)
@@ -519,18 +538,21 @@ class GossipNode:
         self.peers.record_success(address)
         return ack
 
-    def _resolve(self, address: str, header: pb.StateHeader) -> pb.PushAck | None:
+    def _resolve(self, address: str, header: pb.StateHeader) -> pb.PushAck | None | Lost:
         """Settle a push whose ack was lost, by asking its receiver (ResolvePush).
 
         Why this is exact: the receiver commits a message only under its inbox lock, after
         checking that the message was not aborted, and ResolvePush answers under the same lock
         either COMMITTED (it has it: the weight is the receiver's) or ABORTED (it does not,
         and records that it never will: a late stream of the same message is refused). Either
-        answer is final, so the weight is counted once. The one case left is a receiver that
-        never answers within resolve_timeout_s: if it crashed, its own weight (and anything it
-        had committed) is gone anyway and the weight must come back to us; if it is alive but
-        unreachable for that long, taking the weight back may count it twice. We take it back
-        and log a warning with the amount: losing weight silently is the worse failure.
+        answer is final, so the weight is counted once.
+
+        A receiver that cannot answer is presumed to have crashed with the message: at once
+        when its port refuses connections (the process is gone; whatever it had committed is
+        gone with its own weight), otherwise after resolve_timeout_s. Then the weight is
+        written off (LOST), never taken back: taking it back would count it twice if the
+        receiver had committed it. The cost, if the receiver was alive but unreachable for
+        that long and had not committed it, is that weight; the log says how much.
         """
         deadline = time.monotonic() + self.config.resolve_timeout_s
         delay = 0.1
@@ -544,18 +566,18 @@ class GossipNode:
                     timeout=max(0.1, min(self.config.rpc_timeout_s, left)),
                 )
             except grpc.RpcError as err:
+                gone = "connection refused" in (err.details() or "").lower()
                 left = deadline - time.monotonic()
-                if left <= 0 or self._stop.is_set():
-                    self.counters.add("pushes_in_doubt")
+                if gone or left <= 0 or self._stop.is_set():
+                    self.counters.add("pushes_lost_with_peer")
                     log.warning(
-                        "push %d to %s: outcome still unknown (%s); taking weight %.6g back "
-                        "(if that peer is alive and had committed it, it is counted twice)",
+                        "push %d to %s: no answer (%s); weight %.6g presumed lost with that peer",
                         header.message_id,
                         address,
-                        err.code().name,
+                        "its port is closed" if gone else err.code().name,
                         header.weight,
                     )
-                    return None
+                    return LOST
                 self._stop.wait(min(delay, left))
                 delay = min(delay * 2, 2.0)
                 continue
@@ -583,8 +605,16 @@ class GossipNode:
 
     # --- server threads (NodeBridge) -----------------------------------------------------------
 
-    def receive_push(self, chunks: Iterator[Chunk], peer: str) -> pb.PushAck:
-        """Validate a pushed message completely, then commit it to the inbox."""
+    def receive_push(
+        self, chunks: Iterator[Chunk], peer: str, active: Callable[[], bool] = lambda: True
+    ) -> pb.PushAck:
+        """Validate a pushed message completely, then commit it to the inbox.
+
+        `active()` says whether the call is still alive. gRPC's Python server ends the request
+        stream like a normal half-close when a receive fails (e.g. an oversized trailing
+        message), and only then cancels the call; a message is committed only while the call
+        is alive, and taken back out of the inbox if the call turns out to have failed.
+        """
         header = first_header(chunks)
         check_header(header, self._expect)
         if not self.inbox.accepting:
@@ -615,7 +645,12 @@ class GossipNode:
                 returned=False,
                 release=self._recv_pool.release,
             )
+            if not active():
+                raise Reject("invalid", "aborted", "the call failed before the message ended")
             committed = self.inbox.commit(msg)
+            if committed and not active() and self.inbox.retract(msg):
+                committed = False
+                raise Reject("invalid", "aborted", "the call failed as the message ended")
         finally:
             if not committed:
                 self._recv_pool.release(buf)
@@ -724,6 +759,18 @@ class GossipNode:
             reply = fut.result()
             if reply is not None:
                 replies[address] = reply
+        return replies
+
+    def _survey(self, addresses: list[str], attempts: int = 3) -> dict[str, pb.HelloReply]:
+        """Hello every address, retrying silent ones a few times: founding by mistake, because
+        a busy peer missed one Hello, would split the cluster's history (constructor only)."""
+        replies: dict[str, pb.HelloReply] = {}
+        pending = list(addresses)
+        for attempt in range(attempts):
+            replies.update(self._hello_round(pending))
+            pending = [a for a in pending if a not in replies and self.peers.get(a) is not None]
+            if not pending or attempt == attempts - 1 or self._stop.wait(0.5 * (attempt + 1)):
+                break
         return replies
 
     def _hello_one(self, address: str) -> pb.HelloReply | None:

@@ -57,6 +57,9 @@ class Credentials:
     ) -> Credentials:
         """Load the configured files; ValueError with one line naming the problem."""
         token = _read(token_file, "token file").strip() if token_file else None
+        if token is not None and not all(0x21 <= c <= 0x7E for c in token):
+            # gRPC metadata carries printable ASCII only; anything else fails every call
+            raise ValueError(f"token file {token_file}: use printable ASCII without spaces")
         tls = [tls_cert, tls_key, tls_ca]
         if any(tls) and not all(tls):
             raise ValueError("mutual TLS needs all of --tls-cert, --tls-key and --tls-ca")

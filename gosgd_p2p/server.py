@@ -11,7 +11,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -41,8 +41,12 @@ STATUS_OF = {
 class NodeBridge(Protocol):
     """What the server needs from a node. Methods run on gRPC server threads."""
 
-    def receive_push(self, chunks: Iterator[Chunk], peer: str) -> pb.PushAck:
-        """Validate and commit one pushed message; raise Reject to refuse it."""
+    def receive_push(
+        self, chunks: Iterator[Chunk], peer: str, active: Callable[[], bool]
+    ) -> pb.PushAck:
+        """Validate and commit one pushed message; raise Reject to refuse it.
+
+        `active()` is False once the call has failed or been cancelled."""
         ...
 
     def donate_state(self, request: pb.FetchRequest, peer: str) -> Iterator[bytes]:
@@ -132,7 +136,9 @@ class _Servicer:
     ) -> pb.PushAck:
         ticket = self._watchdog.watch(context, self._receive_timeout_s)
         try:
-            return self._bridge.receive_push(_decoded(request_iterator), context.peer())
+            return self._bridge.receive_push(
+                _decoded(request_iterator), context.peer(), context.is_active
+            )
         except Reject as reject:
             self._refuse(reject, context)
             raise AssertionError("unreachable: abort raises") from None

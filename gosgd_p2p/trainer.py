@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from gosgd_p2p import checkpoint
 from gosgd_p2p.config import NodeConfig, TrainConfig, cluster_seed, text_seed
 from gosgd_p2p.data import BatchSampler, evaluate, load_dataset, parse_shard, shard
 from gosgd_p2p.models import build_model
@@ -77,8 +78,41 @@ def train(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
 
-    node = GossipNode(model, node_cfg)
+    # resume: step and optimizer state always; model and weight if this node founds
+    resume = checkpoint.latest(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    founder_weight = 1.0
+    if resume is not None:
+        saved, path = resume
+        if saved["node_id"] != node_cfg.node_id:
+            log.warning("checkpoint %s belongs to node %s", path, saved["node_id"])
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        founder_weight = saved["weight"] if saved["weight"] > 0 else 1.0
+
+    node = GossipNode(model, node_cfg, founder_weight=founder_weight)
     try:
+        if resume is not None:
+            node.step_count = int(resume[0]["step"])
+            log.info(
+                "resumed from %s at step %d (%s)",
+                resume[1],
+                node.step_count,
+                "rejoined the cluster" if node.joined else f"founding with weight {node.weight}",
+            )
+
+        def save_checkpoint() -> None:
+            assert cfg.checkpoint_dir is not None
+            checkpoint.save(
+                cfg.checkpoint_dir,
+                {
+                    "step": node.step_count,
+                    "weight": node.weight,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "node_id": node_cfg.node_id,
+                },
+            )
+
         if on_ready is not None:
             on_ready(node)
         if cfg.wait_for_peers:
@@ -156,6 +190,8 @@ def train(
                 and node.step_count < cfg.steps
             ):
                 record(final=False)
+            if cfg.checkpoint_dir and node.step_count % cfg.checkpoint_every == 0:
+                save_checkpoint()
 
         # finish: settle every message (or hand everything over), then report
         if stop.is_set():
@@ -164,6 +200,8 @@ def train(
         else:
             node.finish()
         final = record(final=True)
+        if cfg.checkpoint_dir:
+            save_checkpoint()
         if cfg.save_final:
             torch.save(
                 {
