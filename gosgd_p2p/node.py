@@ -202,17 +202,20 @@ class GossipNode:
 
     # --- the training thread's API -----------------------------------------------------------
 
-    def step(self) -> None:
+    def step(self, push_to: str | None = None) -> None:
         """Call once per local step, after optimizer.step(), from the training thread.
 
         With probability p, halves the weight and hands a snapshot to a random live peer (sent
         in the background); then merges every message waiting in the inbox. Never waits on the
-        network.
+        network. `push_to` (an address) replaces the coin and the draw with that one push: a
+        fixed message schedule, e.g. to replay a `gosgd-sim` run on a real cluster.
         """
         self._check_open()
         self.step_count += 1
         self._serve_donations()
-        if self.config.p > 0.0 and self._rng.random() < self.config.p:
+        if push_to is not None:
+            self._push(push_to)
+        elif self.config.p > 0.0 and self._rng.random() < self.config.p:
             self._push_random()
         self._merge_inbox()
 
@@ -367,6 +370,12 @@ class GossipNode:
             self.counters.add("pushes_no_peer")
             return
         self._alone_logged = False
+        self._push(peer.address)
+
+    def _push(self, address: str) -> None:
+        """Halve the weight and send (snapshot, half) to `address` in the background."""
+        if self.weight / 2.0 <= 0.0:
+            return
         buf = self._send_pool.acquire()
         if buf is None:
             self.counters.add("pushes_skipped_busy")  # every snapshot buffer still in flight
@@ -386,7 +395,7 @@ class GossipNode:
         with self._inflight_cv:
             self._inflight += 1
         self.counters.add("pushes_started")
-        self._sender.submit(self._push_task, peer.address, header, msg)
+        self._sender.submit(self._push_task, address, header, msg)
 
     def _merge_inbox(self) -> None:
         for msg in self.inbox.drain():

@@ -1,0 +1,412 @@
+"""gosgd-sim: M virtual nodes in one process, on a virtual clock, to choose p and M before
+renting machines.
+
+Every virtual node has its own model copy, data order (and shard, if asked), optimizer and
+weight, and runs the same rule as a real node (gosgd_p2p.algorithm: merge_, halve, consensus).
+Messages cross a simulated network with a per-link latency, a bandwidth and a drop rate (a
+dropped push returns to its sender, as on a real node). Time is virtual: a local step takes
+`step_time_s` (with jitter), a message `latency_s + bytes / bandwidth`. A run is deterministic
+for its seed.
+
+Baselines on the same clock: all-reduce SGD (synchronous average every step), local SGD
+(average every `period` steps), EASGD (elastic averaging with a center variable every `period`
+steps) and no communication. Synchronous rounds last as long as the slowest node's step plus
+the communication (ring all-reduce: 2 (M-1)/M of the state per node; EASGD: M transfers
+through the center's link).
+
+Outputs: per evaluation, virtual time, mean step, loss and accuracy of the consensus model
+(sum a_i x_i / sum a_i; EASGD's center), consensus distance mean_i ||x_i - x_bar||^2, and bytes
+sent per node; JSON and PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from gosgd_p2p import algorithm
+from gosgd_p2p.config import cluster_seed, text_seed
+from gosgd_p2p.data import BatchSampler, Dataset, evaluate, load_dataset, shard
+from gosgd_p2p.models import build_model
+from gosgd_p2p.state import StateLayout, module_state
+
+__all__ = ["ALGORITHMS", "SimConfig", "Simulation", "main"]
+
+ALGORITHMS = ("gosgd", "allreduce", "localsgd", "easgd", "none")
+
+
+@dataclass
+class SimConfig:
+    """One simulated run. Times in virtual seconds, sizes in bytes."""
+
+    nodes: int = 8  # M, the number of virtual nodes
+    algorithm: str = "gosgd"  # gosgd | allreduce | localsgd | easgd | none
+    p: float = 0.1  # GoSGD push probability per step
+    period: int = 10  # local SGD averaging period H, EASGD communication period tau
+    easgd_beta: float = 0.9  # EASGD moving rate beta; each node moves by alpha = beta / M
+    model: str = "mlp"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    shard: bool = False  # give each node a disjoint slice of the training set
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    steps: int = 300  # local steps per node
+    train: bool = True  # False: no local steps, gossip only (consensus experiments)
+    step_time_s: float = 0.01  # mean virtual duration of one local step
+    step_jitter: float = 0.2  # relative spread of step durations (uniform +-)
+    stagger_s: float = 0.0  # node i takes its first step i * stagger_s later (fixed schedules)
+    latency_s: float = 0.0005  # one-way latency of a link
+    bandwidth_bps: float = 1.25e9  # bytes per second of a link (10 Gb/s)
+    drop: float = 0.0  # share of pushes that fail and return to their sender
+    eval_every: int = 25  # evaluate every this many (mean) local steps
+    seed: int = 0
+    init_spread: float = 0.0  # consensus experiments: add N(0, spread^2) noise per node to x0
+    history: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}")
+        if self.nodes < 1 or self.steps < 1 or self.period < 1 or self.eval_every < 1:
+            raise ValueError("nodes, steps, period and eval_every must be at least 1")
+        if not 0 <= self.p <= 1 or not 0 <= self.drop < 1:
+            raise ValueError("p must be in [0, 1] and drop in [0, 1)")
+
+
+@dataclass
+class _Node:
+    model: torch.nn.Module
+    tensors: list[torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    batches: BatchSampler
+    rng: random.Random
+    weight: float = 1.0
+    steps: int = 0
+    bytes_sent: int = 0
+    inbox: list[tuple[torch.Tensor, float]] = field(default_factory=list)
+
+
+class Simulation:
+    """A simulated cluster; `run()` returns the history of evaluations."""
+
+    def __init__(self, cfg: SimConfig, data: Dataset | None = None) -> None:
+        self.cfg = cfg
+        self.data = data or load_dataset(cfg.dataset, cfg.data_dir)
+        torch.manual_seed(cluster_seed(f"sim-{cfg.seed}"))
+        template = build_model(cfg.model, self.data.input_shape, self.data.num_classes)
+        self.layout = StateLayout(module_state(template))
+        self.nodes: list[_Node] = []
+        noise = torch.Generator().manual_seed(cfg.seed)
+        for i in range(cfg.nodes):
+            model = build_model(cfg.model, self.data.input_shape, self.data.num_classes)
+            model.load_state_dict(template.state_dict())  # same start for every founder
+            tensors = [t for _, t in module_state(model)]
+            if cfg.init_spread:
+                with torch.no_grad():
+                    for t in tensors:
+                        t.add_(torch.randn(t.shape, generator=noise) * cfg.init_spread)
+            part = shard(self.data, i, cfg.nodes) if cfg.shard else self.data
+            self.nodes.append(
+                _Node(
+                    model=model,
+                    tensors=tensors,
+                    optimizer=torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum),
+                    batches=BatchSampler(
+                        part.train_x,
+                        part.train_y,
+                        cfg.batch_size,
+                        seed=text_seed(f"{cfg.seed}-{i}"),
+                    ),
+                    rng=random.Random(text_seed(f"gossip-{cfg.seed}-{i}")),
+                )
+            )
+        self.center = [t.clone() for t in self.nodes[0].tensors] if cfg.algorithm == "easgd" else []
+        self.clock = 0.0
+        self._in_flight = 0.0  # weight of messages sent and not yet arrived
+        self.schedule: list[tuple[int, int, int]] = []  # (sender, sender's step, receiver)
+        self.history: list[dict[str, Any]] = []
+        self._eval_model = build_model(cfg.model, self.data.input_shape, self.data.num_classes)
+
+    # --- one node ---------------------------------------------------------------------------
+
+    def _local_step(self, node: _Node) -> None:
+        if self.cfg.train:
+            x, y = next(node.batches)
+            if len(y) >= 2:  # a 1-example tail batch breaks BatchNorm
+                loss = F.cross_entropy(node.model(x), y)
+                node.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                node.optimizer.step()
+        node.steps += 1
+
+    def _step_time(self, node: _Node) -> float:
+        jitter = self.cfg.step_jitter
+        return self.cfg.step_time_s * (1.0 + node.rng.uniform(-jitter, jitter))
+
+    def _transfer_time(self) -> float:
+        return self.cfg.latency_s + self.layout.nbytes / self.cfg.bandwidth_bps
+
+    def _merge_inbox(self, node: _Node) -> None:
+        for payload, weight in node.inbox:
+            node.weight = algorithm.merge_(
+                node.tensors, node.weight, self.layout.views(payload), weight
+            )
+        node.inbox.clear()
+
+    # --- GoSGD on an event queue ---------------------------------------------------------------
+
+    def _run_gosgd(self) -> None:
+        cfg, m = self.cfg, self.cfg.nodes
+        events: list[tuple[float, int, str, int, Any]] = []
+        seq = 0
+
+        def push(when: float, kind: str, node: int, item: Any = None) -> None:
+            nonlocal seq
+            heapq.heappush(events, (when, seq, kind, node, item))
+            seq += 1
+
+        for i, node in enumerate(self.nodes):
+            push(self._step_time(node) + i * cfg.stagger_s, "step", i)
+        next_eval = cfg.eval_every
+        while events:
+            self.clock, _, kind, i, item = heapq.heappop(events)
+            node = self.nodes[i]
+            if kind == "arrive":
+                node.inbox.append(item)
+                self._in_flight -= item[1]
+                continue
+            # a step: local step, then gossip (push with probability p, merge the inbox)
+            self._local_step(node)
+            if m > 1 and node.rng.random() < cfg.p and node.weight / 2.0 > 0.0:
+                j = node.rng.randrange(m - 1)
+                j += j >= i  # uniform over the others
+                snapshot = torch.empty(self.layout.numel)
+                self.layout.flatten_into(node.tensors, snapshot)
+                node.weight, sent = algorithm.halve(node.weight)
+                node.bytes_sent += self.layout.nbytes
+                self.schedule.append((i, node.steps, j))
+                dropped = node.rng.random() < cfg.drop
+                to = i if dropped else j  # a failed push comes back to its sender
+                self._in_flight += sent
+                push(self.clock + self._transfer_time(), "arrive", to, (snapshot, sent))
+            self._merge_inbox(node)
+            if node.steps < cfg.steps:
+                push(self.clock + self._step_time(node), "step", i)
+            mean_steps = sum(n.steps for n in self.nodes) / m
+            if next_eval <= mean_steps < cfg.steps:
+                self._record()
+                next_eval += cfg.eval_every
+        for node in self.nodes:  # every node finished: settle what is still in inboxes
+            self._merge_inbox(node)
+        self._record()
+
+    # --- synchronous baselines -----------------------------------------------------------------
+
+    def _average_into_all(self) -> None:
+        avg = algorithm.consensus([n.tensors for n in self.nodes], [1.0] * len(self.nodes))
+        with torch.no_grad():
+            for node in self.nodes:
+                for t, a in zip(node.tensors, avg, strict=True):
+                    t.copy_(a)
+
+    def _run_synchronous(self) -> None:
+        cfg, m = self.cfg, self.cfg.nodes
+        nbytes = self.layout.nbytes
+        for step in range(1, cfg.steps + 1):
+            self.clock += max(self._step_time(n) for n in self.nodes)
+            for node in self.nodes:
+                self._local_step(node)
+            averages = cfg.algorithm == "allreduce" or (
+                cfg.algorithm == "localsgd" and step % cfg.period == 0
+            )
+            if m > 1 and averages:
+                # ring all-reduce: each node sends 2 (M-1)/M of the state in 2 (M-1) hops
+                share = 2 * (m - 1) / m * nbytes
+                self.clock += 2 * (m - 1) * cfg.latency_s + share / cfg.bandwidth_bps
+                for node in self.nodes:
+                    node.bytes_sent += int(share)
+                self._average_into_all()
+            elif cfg.algorithm == "easgd" and step % cfg.period == 0:
+                self._easgd_exchange()
+            if step % cfg.eval_every == 0:
+                self._record()
+
+    def _easgd_exchange(self) -> None:
+        """Elastic averaging (Zhang et al. 2015), synchronous: x_i -= a (x_i - c); c += sum."""
+        cfg, m = self.cfg, self.cfg.nodes
+        alpha = cfg.easgd_beta / m
+        # each node sends its state to the center and gets the center back, over one link
+        self.clock += 2 * cfg.latency_s + 2 * m * self.layout.nbytes / cfg.bandwidth_bps
+        with torch.no_grad():
+            pulls = [torch.zeros_like(c) for c in self.center]
+            for node in self.nodes:
+                node.bytes_sent += 2 * self.layout.nbytes
+                for t, c, acc in zip(node.tensors, self.center, pulls, strict=True):
+                    diff = alpha * (t - c)
+                    t.sub_(diff)
+                    acc.add_(diff)
+            for c, acc in zip(self.center, pulls, strict=True):
+                c.add_(acc)
+
+    # --- measurements --------------------------------------------------------------------------
+
+    def consensus_state(self) -> list[torch.Tensor]:
+        """The cluster's model: sum a_i x_i / sum a_i (EASGD: the center variable)."""
+        if self.cfg.algorithm == "easgd":
+            return [c.double() for c in self.center]
+        weights = [n.weight for n in self.nodes] if self.cfg.algorithm == "gosgd" else None
+        return algorithm.consensus(
+            [n.tensors for n in self.nodes], weights or [1.0] * len(self.nodes)
+        )
+
+    def consensus_distance(self, avg: Sequence[torch.Tensor]) -> float:
+        """mean_i ||x_i - x_bar||^2 over the nodes."""
+        total = 0.0
+        for node in self.nodes:
+            total += sum(
+                float((t.double() - a).pow(2).sum()) for t, a in zip(node.tensors, avg, strict=True)
+            )
+        return total / len(self.nodes)
+
+    def _record(self) -> None:
+        avg = self.consensus_state()
+        with torch.no_grad():
+            for (_, t), a in zip(module_state(self._eval_model), avg, strict=True):
+                t.copy_(a)
+        loss, acc = evaluate(
+            self._eval_model, self.data.test_x, self.data.test_y, torch.device("cpu")
+        )
+        self.history.append(
+            {
+                "time": self.clock,
+                "step": sum(n.steps for n in self.nodes) / len(self.nodes),
+                "loss": loss,
+                "accuracy": acc,
+                "consensus_distance": self.consensus_distance(avg),
+                "bytes_per_node": sum(n.bytes_sent for n in self.nodes) / len(self.nodes),
+                # at the nodes, waiting in inboxes, and on the wire: always exactly M
+                "total_weight": math.fsum(
+                    [n.weight for n in self.nodes]
+                    + [w for n in self.nodes for _, w in n.inbox]
+                    + [self._in_flight]
+                ),
+            }
+        )
+
+    def run(self) -> list[dict[str, Any]]:
+        """Simulate to the end; returns the evaluations (the last one after the last step)."""
+        if self.cfg.algorithm == "gosgd":
+            self._run_gosgd()
+        else:
+            self._run_synchronous()
+        if not self.history or self.history[-1]["step"] < self.cfg.steps:
+            self._record()
+        return self.history
+
+
+def plot(runs: dict[str, list[dict[str, Any]]], path: Path, title: str) -> None:
+    """Accuracy over virtual time and consensus distance over steps, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, hist in runs.items():
+        ax1.plot([h["time"] for h in hist], [h["accuracy"] for h in hist], label=label)
+        ax2.plot(
+            [h["step"] for h in hist],
+            [max(h["consensus_distance"], 1e-12) for h in hist],
+            label=label,
+        )
+    ax1.set_xlabel("virtual time (s)")
+    ax1.set_ylabel("consensus model test accuracy")
+    ax2.set_xlabel("local steps per node")
+    ax2.set_ylabel("consensus distance mean ||x_i - x_bar||^2")
+    ax2.set_yscale("log")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = SimConfig()
+    p = argparse.ArgumentParser(
+        prog="gosgd-sim",
+        description="Simulate M GoSGD nodes (or a baseline) in one process on a virtual clock.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--nodes", type=int, default=d.nodes)
+    p.add_argument("--algorithm", choices=ALGORITHMS, default=d.algorithm)
+    p.add_argument("--p", type=float, default=d.p)
+    p.add_argument("--period", type=int, default=d.period, help="local SGD H / EASGD tau")
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--dataset", default=d.dataset)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--shard", action="store_true")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--step-time", type=float, default=d.step_time_s, help="virtual s per step")
+    p.add_argument("--latency", type=float, default=d.latency_s, help="virtual s per message")
+    p.add_argument("--bandwidth", type=float, default=d.bandwidth_bps, help="bytes/s per link")
+    p.add_argument("--drop", type=float, default=d.drop)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default=None, help="output folder (default runs/sim-...)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    torch.set_num_threads(1)  # many tiny models: threads cost more than they give
+    try:
+        cfg = SimConfig(
+            nodes=args.nodes, algorithm=args.algorithm, p=args.p, period=args.period,
+            model=args.model, dataset=args.dataset, data_dir=args.data_dir, shard=args.shard,
+            batch_size=args.batch_size, lr=args.lr, steps=args.steps,
+            step_time_s=args.step_time, latency_s=args.latency, bandwidth_bps=args.bandwidth,
+            drop=args.drop, eval_every=args.eval_every, seed=args.seed,
+        )  # fmt: skip
+    except ValueError as err:
+        print(f"gosgd-sim: error: {err}", file=sys.stderr)
+        return 2
+    label = f"{cfg.algorithm}-M{cfg.nodes}" + (f"-p{cfg.p:g}" if cfg.algorithm == "gosgd" else "")
+    out = Path(args.out or f"runs/sim-{label}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    history = Simulation(cfg).run()
+    wall = time.perf_counter() - started
+    last = history[-1]
+    print(
+        f"gosgd-sim {label}: {cfg.steps} steps/node in {wall:.1f} s wall, "
+        f"{last['time']:.2f} s virtual; consensus accuracy {last['accuracy']:.4f}, "
+        f"consensus distance {last['consensus_distance']:.3g}, "
+        f"{last['bytes_per_node'] / 1e6:.2f} MB sent per node, "
+        f"total weight {last['total_weight']!r}"
+    )
+    result = {"config": asdict(cfg), "wall_s": wall, "history": history}
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot({label: history}, out / "sim.png", f"gosgd-sim: {cfg.model} on {cfg.dataset}, {label}")
+    print(f"wrote {out / 'results.json'} and {out / 'sim.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

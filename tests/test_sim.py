@@ -1,0 +1,108 @@
+"""gosgd-sim: the simulator obeys the same rule as the real node, and agrees with it."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import wait_until
+
+from gosgd_p2p import GossipNode, NodeConfig
+from gosgd_p2p.sim import SimConfig, Simulation
+
+
+def test_gossip_alone_converges_to_the_initial_weighted_average() -> None:
+    """No local steps: every node ends at the mean of the initial states, weight exact."""
+    cfg = SimConfig(nodes=16, p=0.5, steps=200, train=False, init_spread=1.0, eval_every=50)
+    sim = Simulation(cfg)
+    start = sim.consensus_state()  # equal weights at the start: the plain mean
+    history = sim.run()
+    assert all(h["total_weight"] == pytest.approx(16.0, abs=1e-9) for h in history)
+    assert math.fsum(n.weight for n in sim.nodes) == pytest.approx(16.0, abs=1e-12)
+    # the weighted average never moves under merges ...
+    for a, b in zip(sim.consensus_state(), start, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    # ... and every node has come to it
+    assert history[0]["consensus_distance"] > 1e3 * history[-1]["consensus_distance"]
+    for node in sim.nodes:
+        for t, a in zip(node.tensors, start, strict=True):
+            torch.testing.assert_close(t.double(), a, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("algorithm", ["gosgd", "allreduce", "localsgd", "easgd", "none"])
+def test_every_algorithm_trains_digits(algorithm: str) -> None:
+    cfg = SimConfig(nodes=4, algorithm=algorithm, steps=150, eval_every=50, period=5)
+    history = Simulation(cfg).run()
+    assert history[-1]["accuracy"] > 0.9, history[-1]
+    sent = history[-1]["bytes_per_node"]
+    assert (sent == 0) == (algorithm == "none")
+    if algorithm == "allreduce":  # synchronous averaging leaves no disagreement
+        assert history[-1]["consensus_distance"] < 1e-9
+
+
+def test_a_run_is_deterministic_for_its_seed() -> None:
+    runs = [Simulation(SimConfig(nodes=6, steps=60, drop=0.2, seed=3)).run() for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_the_simulator_and_a_real_grpc_cluster_agree() -> None:
+    """The same seed, models, data and message schedule: the same weights and states."""
+    m, steps = 3, 40
+    cfg = SimConfig(
+        nodes=m, p=0.5, steps=steps, step_jitter=0.0, step_time_s=1.0, stagger_s=0.1,
+        latency_s=1e-6, bandwidth_bps=1e15, eval_every=steps,
+    )  # fmt: skip
+    sim = Simulation(cfg)
+    # fresh copies of the simulator's starting point, for the real nodes
+    twin = Simulation(cfg)
+    sim.run()
+    assert sim.schedule, "the schedule should contain pushes"
+
+    nodes = []
+    for i, vnode in enumerate(twin.nodes):
+        peers = [nodes[0].address] if nodes else []
+        config = NodeConfig(node_id=f"r{i}", cluster="agree", p=0.0, peers=peers, mdns=False)
+        nodes.append(GossipNode(vnode.model, config))
+    pushes = {(i, step): j for i, step, j in sim.schedule}
+    try:
+        # staggered, jitter-free steps: the simulator runs round by round, node 0 first
+        for step in range(1, steps + 1):
+            for i, (vnode, node) in enumerate(zip(twin.nodes, nodes, strict=True)):
+                x, y = next(vnode.batches)
+                loss = F.cross_entropy(vnode.model(x), y)
+                vnode.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                vnode.optimizer.step()
+                target = pushes.get((i, step))
+                node.step(push_to=None if target is None else nodes[target].address)
+                wait_until(lambda n=node: n.in_flight == 0, 30, "the push to be acked")
+        for node in nodes:
+            node.finish()
+        for vnode, node in zip(sim.nodes, nodes, strict=True):
+            assert node.weight == vnode.weight  # bit for bit: the same float64 operations
+            for a, b in zip(node.state, vnode.tensors, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        assert sum(n.counters.get("pushes_acked") for n in nodes) == len(sim.schedule)
+    finally:
+        for node in nodes:
+            node.close()
+
+
+@pytest.mark.timeout(240)
+def test_the_cli_runs_64_nodes_and_writes_its_outputs(tmp_path) -> None:
+    out = tmp_path / "sim"
+    result = subprocess.run(
+        [sys.executable, "-m", "gosgd_p2p.sim", "--nodes", "64", "--p", "0.1",
+         "--dataset", "digits", "--model", "mlp", "--out", str(out)],
+        capture_output=True, text=True, timeout=230,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads((out / "results.json").read_text())
+    assert data["history"][-1]["total_weight"] == pytest.approx(64.0, abs=1e-9)
+    assert data["history"][-1]["accuracy"] > 0.9
+    assert (out / "sim.png").stat().st_size > 10_000
