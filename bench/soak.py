@@ -43,6 +43,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -111,6 +112,7 @@ class Incarnation:
     rc: int | None = None
     exit_wait_s: float | None = None  # from the signal to the exit
     records: list[dict[str, Any]] = field(default_factory=list)
+    seen_s: list[float] = field(default_factory=list)  # run time each record was first read
     rss: list[tuple[float, float]] = field(default_factory=list)  # (run time s, MB)
     _addresses: queue.Queue[str | None] = field(default_factory=queue.Queue)
     _offset: int = 0  # bytes of log_json already parsed
@@ -154,7 +156,7 @@ class Incarnation:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def read_records(self) -> list[dict[str, Any]]:
+    def read_records(self, now_s: float) -> list[dict[str, Any]]:
         """Parse the JSON lines appended since the last call (complete lines only)."""
         if not self.log_json.exists():
             return self.records
@@ -165,10 +167,11 @@ class Incarnation:
         for line in data[:end].splitlines():
             if line.strip():
                 self.records.append(json.loads(line))
+                self.seen_s.append(round(now_s, 3))
         self._offset += end
         return self.records
 
-    def wait_exit(self, timeout: float) -> int | None:
+    def wait_exit(self, timeout: float, now: Callable[[], float]) -> int | None:
         """Wait for the exit; None (after a SIGKILL) when it took longer than `timeout` s."""
         try:
             self.rc = self.proc.wait(timeout)
@@ -176,21 +179,22 @@ class Incarnation:
             self.proc.kill()
             self.proc.wait()
             self.rc = None
-        self.close()
+        self.close(now())
         return self.rc
 
-    def close(self) -> None:
+    def close(self, now_s: float) -> None:
         if self._reader is not None:
             self._reader.join(10)
         self._stderr.close()
-        self.read_records()
+        self.read_records(now_s)
 
 
 class Cluster:
     """The node processes of a soak run, started and stopped from the main thread only."""
 
-    def __init__(self, out: Path, nodes: int, cluster: str) -> None:
+    def __init__(self, out: Path, nodes: int, cluster: str, new_ids: bool) -> None:
         self.out = out
+        self.new_ids = new_ids  # a restart gets node id node-<slot>.<incarnation>
         self.nodes = nodes
         self.cluster = cluster
         self.t0 = time.monotonic()
@@ -204,9 +208,10 @@ class Cluster:
     def start(self, slot: int, peers: list[str], extra: list[str]) -> Incarnation:
         number = sum(1 for inc in self.history if inc.slot == slot)
         tag = f"node-{slot}-{number}"
+        node_id = f"node-{slot}.{number}" if self.new_ids and number else f"node-{slot}"
         cmd = [
             sys.executable, "-m", "gosgd_p2p.cli",
-            "--node-id", f"node-{slot}",
+            "--node-id", node_id,
             "--cluster", self.cluster,
             "--checkpoint-dir", str(self.out / f"ckpt-node-{slot}"),
             "--log-json", str(self.out / f"{tag}.jsonl"),
@@ -252,7 +257,7 @@ class Cluster:
         sent = time.monotonic()
         with contextlib.suppress(ProcessLookupError):
             inc.proc.send_signal(sig)
-        inc.wait_exit(EXIT_TIMEOUT_S)
+        inc.wait_exit(EXIT_TIMEOUT_S, self.now)
         inc.exit_wait_s = round(time.monotonic() - sent, 3)
         inc.ended_s = round(self.now(), 3)
         inc.how = how if inc.rc is not None else f"{how} (hung: SIGKILLed)"
@@ -267,7 +272,7 @@ class Cluster:
                 inc.proc.wait()
                 inc.how = inc.how or "killed-at-cleanup"
             with contextlib.suppress(Exception):
-                inc.close()
+                inc.close(self.now())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -281,6 +286,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seeds the churn schedule")
     p.add_argument("--out", type=Path, default=None, help="output folder (new or empty)")
     p.add_argument("--min-alive", type=int, default=3, help="never stop below this many nodes")
+    p.add_argument(
+        "--restart-ids",
+        choices=["same", "new"],
+        default="same",
+        help="a restart reuses its node id, or takes node-<slot>.<incarnation> (same checkpoint)",
+    )
     p.add_argument("--warmup", type=float, default=120.0, help="seconds before the RSS baseline")
     args = p.parse_args(argv)
     if args.nodes <= args.min_alive:
@@ -329,7 +340,7 @@ def run(args: argparse.Namespace, cluster: Cluster, stopping: threading.Event) -
             samples.append(sample(cluster))
             if len(samples) % PRINT_EVERY == 1:
                 print(progress_line(samples[-1], events), flush=True)
-            next_sample += SAMPLE_EVERY_S
+            next_sample = max(next_sample + SAMPLE_EVERY_S, now)
         for inc in list(cluster.current):
             if inc is None:
                 continue
@@ -386,7 +397,7 @@ def sample(cluster: Cluster) -> dict[str, Any]:
         mb = rss_mb(inc.proc.pid)
         if mb is not None:
             inc.rss.append((t, mb))
-        recs = inc.read_records()
+        recs = inc.read_records(t)
         last = recs[-1] if recs else {}
         nodes[inc.name] = {
             "incarnation": inc.number,
@@ -405,7 +416,8 @@ def progress_line(s: dict[str, Any], events: list[dict[str, Any]]) -> str:
         acc = "-" if v["test_accuracy"] is None else f"{v['test_accuracy']:.3f}"
         w = "-" if v["weight"] is None else f"{v['weight']:.3f}"
         rss = "-" if v["rss_mb"] is None else f"{v['rss_mb']:.0f}"
-        parts.append(f"{name}#{v['incarnation']} s{v['step']} acc {acc} w {w} {rss}MB")
+        step = "-" if v["step"] is None else v["step"]
+        parts.append(f"{name}#{v['incarnation']} s{step} acc {acc} w {w} {rss}MB")
     return " | ".join(parts)
 
 
@@ -450,11 +462,14 @@ def summarise(args: argparse.Namespace, cluster: Cluster, raw: dict[str, Any]) -
     n = args.nodes
     incs = cluster.history
     for inc in incs:
-        inc.read_records()
+        inc.read_records(cluster.now())
     issues = {inc.tag: log_issues(inc) for inc in incs}
 
     # the exact final total: final records of the incarnations stopped at the end
-    at_end = [inc for inc in incs if inc.how.startswith("stopped-at-end")]
+    at_end = sorted(
+        (inc for inc in incs if inc.how.startswith("stopped-at-end")),
+        key=lambda inc: inc.ended_s or 0.0,
+    )  # in the order they left: the last one kept the total
     finals: dict[str, float | None] = {}
     for inc in at_end:
         recs = [r for r in inc.records if r.get("final")]
@@ -492,7 +507,7 @@ def summarise(args: argparse.Namespace, cluster: Cluster, raw: dict[str, Any]) -
         checks["total_positive"] = total > 0
 
     # resumes: a restart starts at (about) the step its predecessor had checkpointed
-    resumes = []
+    resumes: list[dict[str, Any]] = []
     for inc in restarts:
         prev = next(p for p in incs if p.slot == inc.slot and p.number == inc.number - 1)
         prev_step = prev.records[-1]["step"] if prev.records else 0
@@ -509,7 +524,7 @@ def summarise(args: argparse.Namespace, cluster: Cluster, raw: dict[str, Any]) -
     checks["no_resume_regressed"] = not any(r["regressed"] for r in resumes)
 
     # per slot: RSS after warm-up (over the run, and within each incarnation), accuracy
-    per_node = []
+    per_node: list[dict[str, Any]] = []
     for slot in range(n):
         mine = [inc for inc in incs if inc.slot == slot]
         run_points = sorted(p for inc in mine for p in inc.rss)
@@ -538,14 +553,20 @@ def summarise(args: argparse.Namespace, cluster: Cluster, raw: dict[str, Any]) -
 
     growths = [g["growth"] for node in per_node for g in node["rss_incarnations"].values()]
     run_growths = [node["rss_run"]["growth"] for node in per_node if node["rss_run"]]
-    accs = [(r["test_accuracy"], inc.started_s + r["time"], inc.tag) for inc in incs
-            for r in inc.records]  # fmt: skip
-    reached = min(((t, tag) for a, t, tag in accs if a >= ACCURACY_TARGET), default=None)
+    accs = [
+        (r["test_accuracy"], seen, inc.tag, r["step"])
+        for inc in incs
+        for r, seen in zip(inc.records, inc.seen_s, strict=True)
+    ]
+    reached = min(
+        ((seen, tag, step) for a, seen, tag, step in accs if a >= ACCURACY_TARGET), default=None
+    )
     return {
         "mode": args.mode,
         "minutes": args.minutes,
         "nodes": n,
         "seed": args.seed,
+        "restart_ids": args.restart_ids,
         "out": str(args.out),
         "churn": len(churned),
         "restarts": len(restarts),
@@ -559,9 +580,10 @@ def summarise(args: argparse.Namespace, cluster: Cluster, raw: dict[str, Any]) -
             "rss_growth_incarnation_max": max(growths, default=None),
             "rss_growth_run_max": max(run_growths, default=None),
             "rss_met": bool(growths) and max(growths) < RSS_TARGET,
-            "max_accuracy": max((a for a, _, _ in accs), default=None),
-            "accuracy_reached_at_s": None if reached is None else round(reached[0], 1),
+            "max_accuracy": max((a for a, *_ in accs), default=None),
+            "accuracy_reached_seen_at_s": None if reached is None else reached[0],
             "accuracy_reached_by": None if reached is None else reached[1],
+            "accuracy_reached_at_step": None if reached is None else reached[2],
             "accuracy_met": reached is not None,
         },
         "per_node": per_node,
@@ -597,7 +619,10 @@ def _num(v: float | None, fmt: str) -> str:
 def print_table(s: dict[str, Any]) -> None:
     verb = "kill -9" if s["mode"] == "kill" else "SIGTERM leaves"
     t = s["targets"]
-    print(f"\nsoak: mode {s['mode']}, {s['minutes']:g} min, {s['nodes']} nodes, seed {s['seed']}")
+    print(
+        f"\nsoak: mode {s['mode']}, {s['minutes']:g} min, {s['nodes']} nodes, seed {s['seed']}, "
+        f"restarts reuse the node id: {s['restart_ids'] == 'same'}"
+    )
     print(f"churn: {s['churn']} {verb}, {s['restarts']} restarts")
     bound = "must equal N" if s["mode"] == "term" else "must be <= N"
     print(
@@ -629,7 +654,8 @@ def print_table(s: dict[str, Any]) -> None:
     print(
         f"accuracy: max {_num(t['max_accuracy'], '.4f')}, target {ACCURACY_TARGET} "
         + (
-            f"reached at {t['accuracy_reached_at_s']} s by {t['accuracy_reached_by']}"
+            f"reached by {t['accuracy_reached_by']} at step {t['accuracy_reached_at_step']} "
+            f"(read at t = {t['accuracy_reached_seen_at_s']:.0f} s)"
             if t["accuracy_met"]
             else "NOT reached"
         )
@@ -648,7 +674,12 @@ def print_table(s: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    cluster = Cluster(args.out.resolve(), args.nodes, f"soak-{args.out.name}-{args.seed}")
+    cluster = Cluster(
+        args.out.resolve(),
+        args.nodes,
+        f"soak-{args.out.name}-{args.seed}",
+        new_ids=args.restart_ids == "new",
+    )
     atexit.register(cluster.kill_all)
     stopping = threading.Event()
 

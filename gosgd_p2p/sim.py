@@ -228,6 +228,8 @@ class Simulation:
             self.clock += max(self._step_time(n) for n in self.nodes)
             for node in self.nodes:
                 self._local_step(node)
+            if step % cfg.eval_every == 0:
+                self._record()  # before this round's averaging: what the nodes drifted to
             averages = cfg.algorithm == "allreduce" or (
                 cfg.algorithm == "localsgd" and step % cfg.period == 0
             )
@@ -240,8 +242,6 @@ class Simulation:
                 self._average_into_all()
             elif cfg.algorithm == "easgd" and step % cfg.period == 0:
                 self._easgd_exchange()
-            if step % cfg.eval_every == 0:
-                self._record()
 
     def _easgd_exchange(self) -> None:
         """Elastic averaging (Zhang et al. 2015), synchronous: x_i -= a (x_i - c); c += sum."""

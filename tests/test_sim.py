@@ -41,8 +41,12 @@ def test_every_algorithm_trains_digits(algorithm: str) -> None:
     assert history[-1]["accuracy"] > 0.9, history[-1]
     sent = history[-1]["bytes_per_node"]
     assert (sent == 0) == (algorithm == "none")
-    if algorithm == "allreduce":  # synchronous averaging leaves no disagreement
-        assert history[-1]["consensus_distance"] < 1e-9
+    # measured before each round's averaging: one local step of drift for all-reduce, H steps
+    # for local SGD, the whole run without communication
+    bound = {"allreduce": 0.01, "localsgd": 0.1, "none": float("inf")}.get(algorithm, 3.0)
+    assert history[-1]["consensus_distance"] < bound
+    if algorithm == "none":
+        assert history[-1]["consensus_distance"] > 1.0
 
 
 def test_a_run_is_deterministic_for_its_seed() -> None:
