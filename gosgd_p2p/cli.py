@@ -92,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--checkpoint-dir", default=None, help="resume from and write checkpoints")
     out.add_argument("--checkpoint-every", type=int, default=train.checkpoint_every, help="steps")
     out.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    out.add_argument(
+        "--metrics-port", type=int, default=train.metrics_port, help="Prometheus port; 0 = off"
+    )
+    out.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="live status line on stderr (default: when stderr is a terminal)",
+    )
     return p
 
 

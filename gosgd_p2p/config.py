@@ -125,6 +125,8 @@ class TrainConfig:
     save_final: str | None = None  # file to write the final state and weight to (torch.save)
     wait_for_peers: int = 0  # founders wait until they know this many live peers
     wait_timeout_s: float = 60.0  # ... for at most this long, seconds
+    metrics_port: int = 0  # Prometheus /metrics on this port (all interfaces); 0: off
+    progress: bool | None = None  # live progress line on stderr; None: when it is a terminal
     checkpoint_dir: str | None = None  # resume from / write checkpoints here; None: none
     checkpoint_every: int = 100  # steps between checkpoints (with checkpoint_dir)
     seed: int | None = None  # data-order seed; None: derived from the node id

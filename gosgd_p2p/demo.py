@@ -8,7 +8,6 @@ demo computes the consensus model sum(a_i x_i) / sum(a_i) and evaluates it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -21,6 +20,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
+
+from gosgd_p2p.plotting import plot_nodes, read_log
 
 __all__ = ["main"]
 
@@ -107,13 +108,7 @@ def _wait_for_address(lines: queue.Queue[str | None], log_path: Path, timeout: f
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):  # a line being written right now
-            out.append(json.loads(line))
-    return out
+    return read_log(path) if path.exists() else []
 
 
 def _progress(out: Path, n: int, steps: int) -> str:
@@ -150,25 +145,8 @@ def _consensus_accuracy(out: Path, args: argparse.Namespace, n: int) -> tuple[fl
 
 
 def _plot(out: Path, n: int) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i in range(n):
-        recs = _read_records(out / f"node-{i}.jsonl")
-        ax.plot([r["time"] for r in recs], [r["test_accuracy"] for r in recs], label=f"node-{i}")
-    ax.set_xlabel("time since start of training (s)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("GoSGD demo: test accuracy per node")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    path = out / "accuracy.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    logs = {f"node-{i}": _read_records(out / f"node-{i}.jsonl") for i in range(n)}
+    return plot_nodes(logs, out / "accuracy.png", title="GoSGD demo: per-node progress")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

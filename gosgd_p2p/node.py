@@ -349,6 +349,11 @@ class GossipNode:
 
     def _snapshot_into(self, buf: torch.Tensor) -> None:
         """Copy x into the host buffer `buf` (blocks until the copy is complete)."""
+        started = time.perf_counter()
+        self._copy_state_into(buf)
+        self.counters.observe("snapshot", time.perf_counter() - started)
+
+    def _copy_state_into(self, buf: torch.Tensor) -> None:
         if self.device.type == "cuda":
             if self._device_staging is None:
                 self._device_staging = torch.empty(
@@ -398,7 +403,15 @@ class GossipNode:
         self._sender.submit(self._push_task, address, header, msg)
 
     def _merge_inbox(self) -> None:
-        for msg in self.inbox.drain():
+        messages = self.inbox.drain()
+        if not messages:
+            return
+        started = time.perf_counter()
+        self._merge(messages)
+        self.counters.observe("merge", time.perf_counter() - started)
+
+    def _merge(self, messages: list[Message]) -> None:
+        for msg in messages:
             payload = msg.payload
             if self.device.type == "cuda":
                 if self._device_staging is None:

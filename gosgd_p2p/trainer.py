@@ -7,8 +7,10 @@ at the end (finish) or hand it over on a stop request (leave).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from gosgd_p2p import checkpoint
 from gosgd_p2p.config import NodeConfig, TrainConfig, cluster_seed, text_seed
 from gosgd_p2p.data import BatchSampler, evaluate, load_dataset, parse_shard, shard
+from gosgd_p2p.metrics import MetricsServer
 from gosgd_p2p.models import build_model
 from gosgd_p2p.node import GossipNode
 
@@ -89,8 +92,9 @@ def train(
         optimizer.load_state_dict(saved["optimizer"])
         founder_weight = saved["weight"] if saved["weight"] > 0 else 1.0
 
-    node = GossipNode(model, node_cfg, founder_weight=founder_weight)
-    try:
+    with contextlib.ExitStack() as stack:
+        node = GossipNode(model, node_cfg, founder_weight=founder_weight)
+        stack.callback(node.close)
         if resume is not None:
             node.step_count = int(resume[0]["step"])
             log.info(
@@ -99,6 +103,15 @@ def train(
                 node.step_count,
                 "rejoined the cluster" if node.joined else f"founding with weight {node.weight}",
             )
+        metrics = None
+        if cfg.metrics_port:
+            metrics = MetricsServer(node, cfg.metrics_port)
+            stack.callback(metrics.close)
+            log.info("metrics on http://0.0.0.0:%d/metrics", metrics.port)
+        log_file = (
+            stack.enter_context(open(cfg.log_json, "a", buffering=1)) if cfg.log_json else None
+        )
+        progress = Progress(node, cfg.steps, enabled=cfg.progress)
 
         def save_checkpoint() -> None:
             assert cfg.checkpoint_dir is not None
@@ -128,18 +141,20 @@ def train(
                     cfg.wait_for_peers,
                     cfg.wait_timeout_s,
                 )
-        log_file = open(cfg.log_json, "a", buffering=1) if cfg.log_json else None  # noqa: SIM115
         start = time.monotonic()
-        losses: list[float] = []
+        # losses stay on the device until a report: .item() every step would sync the GPU
+        loss_sum = torch.zeros((), device=device)
+        loss_count = 0
 
         def record(final: bool) -> dict[str, Any]:
+            nonlocal loss_sum, loss_count
             test_loss, test_acc = evaluate(model, test_x, test_y, device)
             stats = node.stats()
             rec = {
                 "node_id": node_cfg.node_id,
                 "step": node.step_count,
                 "time": round(time.monotonic() - start, 3),
-                "loss": sum(losses) / len(losses) if losses else None,
+                "loss": float(loss_sum) / loss_count if loss_count else None,
                 "test_loss": test_loss,
                 "test_accuracy": test_acc,
                 "weight": node.weight,
@@ -153,9 +168,12 @@ def train(
                 "partners": stats["partners"],
                 "final": final,
             }
-            losses.clear()
+            loss_sum, loss_count = torch.zeros((), device=device), 0
             if log_file is not None:
                 log_file.write(json.dumps(rec) + "\n")
+            if metrics is not None:
+                metrics.loss, metrics.accuracy = rec["loss"], test_acc
+            progress.clear()
             log.info(
                 "step %d  loss %s  test acc %.4f  weight %.4g  sent %d  recv %d  returned %d",
                 rec["step"],
@@ -166,6 +184,7 @@ def train(
                 rec["messages_received"],
                 rec["messages_returned"],
             )
+            progress.last_accuracy = test_acc
             return rec
 
         if cfg.eval_every:
@@ -183,17 +202,17 @@ def train(
             loss.backward()
             optimizer.step()
             node.step()
-            losses.append(loss.item())
-            if (
-                cfg.eval_every
-                and node.step_count % cfg.eval_every == 0
-                and node.step_count < cfg.steps
-            ):
+            loss_sum += loss.detach()
+            loss_count += 1
+            progress.update()
+            step = node.step_count
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 record(final=False)
-            if cfg.checkpoint_dir and node.step_count % cfg.checkpoint_every == 0:
+            if cfg.checkpoint_dir and step % cfg.checkpoint_every == 0:
                 save_checkpoint()
 
         # finish: settle every message (or hand everything over), then report
+        progress.clear()
         if stop.is_set():
             handed = node.leave()
             log.info("stop requested at step %d: handed over weight %.6g", node.step_count, handed)
@@ -213,8 +232,40 @@ def train(
                 },
                 cfg.save_final,
             )
-        if log_file is not None:
-            log_file.close()
         return final
-    finally:
-        node.close()
+
+
+class Progress:
+    """A live one-line status on stderr when it is a terminal (or `enabled`), refreshed at most
+    every 0.5 s; nothing otherwise (logs carry the same facts then)."""
+
+    def __init__(self, node: GossipNode, steps: int, enabled: bool | None = None) -> None:
+        self._node = node
+        self._steps = steps
+        self._on = sys.stderr.isatty() if enabled is None else enabled
+        self._last = 0.0
+        self._shown = False
+        self.last_accuracy: float | None = None
+
+    def update(self) -> None:
+        now = time.monotonic()
+        if not self._on or now - self._last < 0.5:
+            return
+        self._last = now
+        node, counts = self._node, self._node.counters.snapshot()
+        acc = "-" if self.last_accuracy is None else f"{self.last_accuracy:.3f}"
+        line = (
+            f"{node.config.node_id}  step {node.step_count}/{self._steps}  acc {acc}  "
+            f"weight {node.weight:.4g}  peers {len(node.peers.live())}  "
+            f"sent {counts.get('pushes_acked', 0)}  recv {counts.get('pushes_received', 0)}"
+        )
+        sys.stderr.write("\r\x1b[2K" + line)
+        sys.stderr.flush()
+        self._shown = True
+
+    def clear(self) -> None:
+        """Erase the status line (before a log line is printed)."""
+        if self._shown:
+            sys.stderr.write("\r\x1b[2K")
+            sys.stderr.flush()
+            self._shown = False
