@@ -39,7 +39,7 @@ from gosgd_p2p.metrics import Counters
 from gosgd_p2p.peers import PeerTable
 from gosgd_p2p.security import Credentials
 from gosgd_p2p.server import GossipServer
-from gosgd_p2p.state import BufferPool, StateLayout, module_state
+from gosgd_p2p.state import BufferPool, StateLayout, all_finite, module_state
 from gosgd_p2p.v1 import gossip_pb2 as pb
 from gosgd_p2p.wire import (
     PROTOCOL_VERSION,
@@ -498,7 +498,7 @@ class GossipNode:
                     header = first_header(chunks)
                     check_header(header, self._expect)
                     assemble(header, chunks, _byte_view(buf))
-                    if not torch.isfinite(buf).all():
+                    if not all_finite(buf):
                         raise Reject("invalid", "not_finite", "state has NaN or Inf")
                 except (grpc.RpcError, Reject) as err:
                     log.warning("join: %s did not donate: %s", address, _describe(err))
@@ -656,7 +656,7 @@ class GossipNode:
                 assemble(header, chunks, _byte_view(buf))
             except grpc.RpcError:
                 raise Reject("invalid", "aborted", "stream aborted by the sender") from None
-            if not torch.isfinite(buf).all():
+            if not all_finite(buf):
                 raise Reject("invalid", "not_finite", "state has NaN or Inf values")
             msg = Message(
                 sender_id=header.sender_id,

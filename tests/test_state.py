@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from gosgd_p2p.state import WIRE_DTYPE, BufferPool, StateLayout, module_state
+from gosgd_p2p.state import WIRE_DTYPE, BufferPool, StateLayout, all_finite, module_state
 
 torch.set_num_threads(1)
 
@@ -225,3 +225,18 @@ def test_pool_is_thread_safe() -> None:
     got = [pool.acquire() for _ in range(capacity + 1)]
     assert got[-1] is None
     assert len({id(b) for b in got[:-1]}) == capacity  # no more than capacity were ever made
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", [0, 7, -1])
+def test_all_finite_finds_any_nan_or_infinity(bad: float, where: int) -> None:
+    flat = torch.randn(1000)
+    assert all_finite(flat)
+    flat[where] = bad
+    assert not all_finite(flat)
+
+
+def test_all_finite_accepts_the_extremes_and_empty() -> None:
+    big = torch.finfo(torch.float32).max
+    assert all_finite(torch.tensor([big, -big, 0.0, 1e-45]))
+    assert all_finite(torch.empty(0))
