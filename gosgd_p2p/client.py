@@ -6,6 +6,7 @@ Thread-safe: the sender threads and the membership thread share one PeerClient.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -67,12 +68,14 @@ class _Tracked(Iterable[T]):
 
 
 class PeerClient:
-    """Channels to peers, opened on first use and closed by forget() or close()."""
+    """Channels to peers, opened on first use; at most `max_channels` stay open (the least
+    recently used is closed first), so peers that come and go cannot pile up sockets."""
 
-    def __init__(self, credentials: Credentials | None = None) -> None:
+    def __init__(self, credentials: Credentials | None = None, max_channels: int = 256) -> None:
         self._credentials = credentials or Credentials()
         self._metadata = self._credentials.call_metadata()
-        self._channels: dict[str, grpc.Channel] = {}
+        self._max_channels = max_channels
+        self._channels: OrderedDict[str, grpc.Channel] = OrderedDict()
         self._lock = threading.Lock()
         self._closed = False
 
@@ -81,14 +84,19 @@ class PeerClient:
             if self._closed:
                 raise RuntimeError("client is closed")
             channel = self._channels.get(address)
-            if channel is None:
-                options = grpc_options() + self._credentials.channel_options()
-                creds = self._credentials.channel_credentials()
-                if creds is None:
-                    channel = grpc.insecure_channel(address, options=options)
-                else:
-                    channel = grpc.secure_channel(address, creds, options=options)
-                self._channels[address] = channel
+            if channel is not None:
+                self._channels.move_to_end(address)
+                return channel
+            options = grpc_options() + self._credentials.channel_options()
+            creds = self._credentials.channel_credentials()
+            if creds is None:
+                channel = grpc.insecure_channel(address, options=options)
+            else:
+                channel = grpc.secure_channel(address, creds, options=options)
+            self._channels[address] = channel
+            if len(self._channels) > self._max_channels:
+                _, oldest = self._channels.popitem(last=False)
+                oldest.close()  # calls still running on it fail, and are handled as failures
             return channel
 
     def push(

@@ -70,6 +70,7 @@ class NodeConfig:
     rpc_timeout_s: float = 5.0  # deadline of a membership call, seconds
     max_failures: int = 3  # consecutive failed calls before a peer is suspended
     hello_interval_s: float = 1.0  # mean seconds between membership rounds
+    forget_after_s: float = 600.0  # drop a dead peer (not a seed) unseen for this long
     drain_timeout_s: float = 120.0  # finish(): longest wait for in-flight pushes, seconds
     server_workers: int = 16  # gRPC server threads (concurrent incoming calls)
     token_file: str | None = None  # file holding the cluster secret; None: no token
@@ -101,6 +102,7 @@ class NodeConfig:
             "rpc_timeout_s",
             "hello_interval_s",
             "drain_timeout_s",
+            "forget_after_s",
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0")

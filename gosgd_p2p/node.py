@@ -831,6 +831,9 @@ class GossipNode:
             picks = fresh + self._rng_membership.sample(others, min(2, len(others)))
             if picks:
                 self._hello_round(picks)
+            for address in self.peers.prune(self.config.forget_after_s):
+                self._client.forget(address)
+                log.info("forgot peer %s: not seen for %.0f s", address, self.config.forget_after_s)
             # live peers heard of but not met yet are worth a quick second round
             unmet = any(not p.confirmed and p.status == "live" for p in self.peers.all())
             interval = (

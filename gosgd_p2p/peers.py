@@ -39,12 +39,30 @@ class PeerTable:
         self.max_failures = max_failures
         self.max_peers = max_peers
         self._rows: dict[str, Peer] = {}
+        self._seeds: set[str] = set()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
 
     def add_seed(self, address: str) -> None:
-        """Add a configured address, live until proven otherwise."""
+        """Add a configured address, live until proven otherwise; prune() never drops it."""
+        self._seeds.add(address)
         self.observe(address, None, seen=False)
+
+    def prune(self, older_than_s: float) -> list[str]:
+        """Forget peers, seeds excepted, that are not live and were last seen longer ago than
+        `older_than_s` (a node restarted on a new port leaves its old address behind)."""
+        cutoff = time.monotonic() - older_than_s
+        with self._changed:
+            gone = [
+                a
+                for a, row in self._rows.items()
+                if row.status != "live" and row.last_seen < cutoff and a not in self._seeds
+            ]
+            for address in gone:
+                del self._rows[address]
+            if gone:
+                self._changed.notify_all()
+            return gone
 
     def observe(
         self, address: str, node_id: str | None, *, seen: bool = True, confirmed: bool = False

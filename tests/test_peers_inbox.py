@@ -274,3 +274,28 @@ def test_resolve_reports_a_committed_message() -> None:
     assert inbox.commit(_msg("a", 6))
     assert inbox.resolve("a", 6) == "committed"
     assert not inbox.commit(_msg("a", 6))  # and redelivery stays a duplicate
+
+
+def test_prune_forgets_long_dead_peers_but_keeps_seeds() -> None:
+    table = PeerTable("self", "self:1", max_failures=1)
+    table.add_seed("seed:1")
+    table.observe("dead:1", "d")
+    table.observe("live:1", "l")
+    table.record_failure("seed:1")
+    table.record_failure("dead:1")
+    assert table.prune(3600.0) == []  # seen recently: kept
+    assert table.prune(-1.0) == ["dead:1"]  # a cutoff in the future: every dead non-seed
+    assert {p.address for p in table.all()} == {"seed:1", "live:1"}
+
+
+def test_the_client_keeps_a_bounded_number_of_channels() -> None:
+    from gosgd_p2p.client import PeerClient
+
+    client = PeerClient(max_channels=3)
+    for port in range(1, 6):
+        client._channel(f"127.0.0.1:{port}")
+    assert list(client._channels) == ["127.0.0.1:3", "127.0.0.1:4", "127.0.0.1:5"]
+    client._channel("127.0.0.1:3")  # used again: now the most recent
+    client._channel("127.0.0.1:6")
+    assert list(client._channels) == ["127.0.0.1:5", "127.0.0.1:3", "127.0.0.1:6"]
+    client.close()
