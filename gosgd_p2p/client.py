@@ -38,8 +38,9 @@ class PushFailed(Exception):
     """A push without an ack.
 
     `maybe_delivered` is True when the receiver may have committed it: every chunk, the last
-    included, was handed to gRPC, and the status does not say the receiver refused it (a
-    deadline or a cut connection after the last chunk). Otherwise the push certainly failed.
+    included, was handed to gRPC, a connection was made, and the status does not say the
+    receiver refused it (a deadline or a cut connection after the last chunk). Otherwise the
+    push certainly failed.
     """
 
     def __init__(self, code: grpc.StatusCode, details: str, maybe_delivered: bool) -> None:
@@ -115,7 +116,10 @@ class PeerClient:
             return self.stream_raw(address, iter(tracked), timeout)
         except grpc.RpcError as err:
             code = err.code()
-            maybe = tracked.last_taken and code not in NOT_DELIVERED
+            # A connection that was never made delivered nothing, however many chunks gRPC
+            # had already taken into its buffers (a small message is taken whole at once).
+            never_connected = "failed to connect" in (err.details() or "").lower()
+            maybe = tracked.last_taken and code not in NOT_DELIVERED and not never_connected
             raise PushFailed(code, err.details() or "", maybe) from None
 
     def stream_raw(self, address: str, chunks: Iterator[bytes], timeout: float) -> pb.PushAck:

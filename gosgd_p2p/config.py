@@ -72,6 +72,8 @@ class NodeConfig:
     hello_interval_s: float = 1.0  # mean seconds between membership rounds
     forget_after_s: float = 600.0  # drop a dead peer (not a seed) unseen for this long
     drain_timeout_s: float = 120.0  # finish(): longest wait for in-flight pushes, seconds
+    linger_s: float = 5.0  # close() after finish(): longest time to keep answering, seconds
+    quiet_s: float = 0.5  # ... ending early once no push or ResolvePush came for this long
     server_workers: int = 16  # gRPC server threads (concurrent incoming calls)
     token_file: str | None = None  # file holding the cluster secret; None: no token
     tls_cert: str | None = None  # this node's certificate (PEM); with tls_key, tls_ca: mTLS
@@ -103,6 +105,8 @@ class NodeConfig:
             "hello_interval_s",
             "drain_timeout_s",
             "forget_after_s",
+            "linger_s",
+            "quiet_s",
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0")

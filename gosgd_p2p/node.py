@@ -131,6 +131,7 @@ class GossipNode:
         self._inflight_cv = threading.Condition()
         self._logged: set[tuple[str, str]] = set()
         self._partners: set[str] = set()  # node ids we exchanged a message with
+        self._last_settling_call = 0.0  # monotonic time of the last PushState or ResolvePush
         self._partners_lock = threading.Lock()
         self._alone_logged = False
 
@@ -280,11 +281,22 @@ class GossipNode:
         return 0.0
 
     def close(self, grace: float = 2.0) -> None:
-        """Stop the server and every thread. Call finish() or leave() first to keep the weight."""
+        """Stop the server and every thread. Call finish() or leave() first to keep the weight.
+
+        After finish() the server lingers (up to linger_s) until no push or ResolvePush has
+        come for quiet_s: meanwhile it refuses pushes, which tells senders it left, and it
+        answers the ResolvePush of any sender whose ack was lost, which only it can answer.
+        """
         if self._closed:
             return
         self._closed = True
         self._refuse_donations()
+        if self._finished:
+            deadline = time.monotonic() + self.config.linger_s
+            while (now := time.monotonic()) < deadline:
+                quiet_left = self._last_settling_call + self.config.quiet_s - now
+                if quiet_left <= 0 or self._stop.wait(min(quiet_left, deadline - now)):
+                    break
         self._shutdown_threads(grace)
 
     def __enter__(self) -> GossipNode:
@@ -630,13 +642,14 @@ class GossipNode:
     def receive_push(
         self, chunks: Iterator[Chunk], peer: str, active: Callable[[], bool] = lambda: True
     ) -> pb.PushAck:
-        """Validate a pushed message completely, then commit it to the inbox.
+        """Validate a pushed message completely, then commit it to the inbox (server thread).
 
         `active()` says whether the call is still alive. gRPC's Python server ends the request
         stream like a normal half-close when a receive fails (e.g. an oversized trailing
         message), and only then cancels the call; a message is committed only while the call
         is alive, and taken back out of the inbox if the call turns out to have failed.
         """
+        self._last_settling_call = time.monotonic()
         header = first_header(chunks)
         check_header(header, self._expect)
         if not self.inbox.accepting:
@@ -740,6 +753,7 @@ class GossipNode:
 
     def resolve_push(self, request: pb.ResolveRequest, peer: str) -> pb.ResolveReply:
         """The final outcome of a push whose sender lost the ack (see _resolve)."""
+        self._last_settling_call = time.monotonic()
         fate = self.inbox.resolve(request.sender_id, request.message_id)
         self.counters.add(f"resolved_{fate}")
         if fate == "committed":
