@@ -3,10 +3,12 @@
 Starts N `gosgd-node` daemons on 127.0.0.1 (founders, all with weight 1), then every 20-40 s
 (seeded) stops a random live node, with kill -9 (`--mode kill`) or SIGTERM (`--mode term`,
 a graceful leave that hands the whole weight to a live peer), waits until it has exited, and
-after a short pause restarts it with the same node id and checkpoint folder, seeded with a
-live node's address: it resumes its step and optimizer state and rejoins with weight 0 through
-FetchState. At least `--min-alive` (3) nodes stay up. Every ~5 s it samples each live node's
-RSS (VmRSS) and its latest JSON record.
+after a short pause restarts it with the same node id (`--restart-ids new`: a fresh one) and
+checkpoint folder, seeded with a live node's address: it resumes its step and optimizer state
+and rejoins with weight 0 through FetchState. At least `--min-alive` (3) nodes stay up. Every
+~5 s it samples each live node's RSS (VmRSS) and its latest JSON record. The founders all wait
+for their N-1 peers before training: a founder that trained early would make a later one join
+with weight 0 instead of founding with 1.
 
 The exact final total. Nodes run with a step budget that outlasts the run, so none finishes
 by itself. At the end the nodes leave one at a time by SIGTERM, each waited for: every leave
@@ -527,7 +529,10 @@ def summarise(args: argparse.Namespace, cluster: Cluster, raw: dict[str, Any]) -
     per_node: list[dict[str, Any]] = []
     for slot in range(n):
         mine = [inc for inc in incs if inc.slot == slot]
-        run_points = sorted(p for inc in mine for p in inc.rss)
+        # over the run: samples of warm incarnations only (a fresh process is smaller)
+        run_points = sorted(
+            (t, mb) for inc in mine for t, mb in inc.rss if t - inc.started_s >= args.warmup
+        )
         run_rss = rss_growth(run_points, args.warmup)
         inc_rss = {
             inc.tag: g
@@ -690,6 +695,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         raw = run(args, cluster, stopping)
+    except KeyboardInterrupt as err:
+        print(f"soak: interrupted ({err}); every node killed, no summary", file=sys.stderr)
+        return 130
     finally:
         cluster.kill_all()
     summary = summarise(args, cluster, raw)

@@ -15,9 +15,11 @@ and futures, so nothing merges during a local step and training never waits on t
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import random
+import secrets
 import socket
 import threading
 import time
@@ -126,7 +128,9 @@ class GossipNode:
         self.inbox = Inbox()
         self._expect = Expectation(cfg.cluster, self.layout.fingerprint, self.layout.nbytes)
         self._donations: queue.Queue[Future[Message]] = queue.Queue(maxsize=2)
-        self._message_ids = iter(range(1, 1 << 62))
+        # Ids start at a random point: a node restarted under the same id must not reuse
+        # the ids of its previous life, which receivers remember as already applied.
+        self._message_ids = itertools.count(secrets.randbits(62) + 1)
         self._inflight = 0
         self._inflight_cv = threading.Condition()
         self._logged: set[tuple[str, str]] = set()

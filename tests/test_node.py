@@ -229,3 +229,19 @@ def test_cluster_seed_gives_founders_the_same_start() -> None:
     same = zip(build("run-1"), build("run-1"), strict=True)
     assert all(torch.equal(x, y) for x, y in same)
     assert not torch.equal(build("run-1")[0], build("run-2")[0])
+
+
+def test_a_node_restarted_under_the_same_id_is_not_taken_for_a_duplicate() -> None:
+    """Message ids must not repeat across restarts: receivers remember applied ids."""
+    a = GossipNode(make_model(), cfg("a", p=0.0, inbox_size=16))
+    with a:
+        for life in range(2):
+            b = GossipNode(make_model(), cfg("b", p=1.0, peers=[a.address]))
+            with b:
+                for _ in range(3):
+                    b.step()
+                    wait_until(lambda b=b: b.in_flight == 0, 30, "b's push to settle")
+                assert b.finish() == 0.5**3
+            assert a.counters.get("pushes_received") == 3 * (life + 1)
+        assert a.counters.get("pushes_duplicate") == 0
+        assert a.finish() == 1.0 + 2 * (1.0 - 0.5**3)
