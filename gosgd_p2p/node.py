@@ -143,11 +143,13 @@ class GossipNode:
         # `client` lets tests and benchmarks inject faults (gosgd_p2p.faults)
         self._client = client or PeerClient(credentials)
         self._sender = ThreadPoolExecutor(cfg.send_buffers, thread_name_prefix="gosgd-send")
+        self._stop = threading.Event()
+        self._meet = threading.Event()  # wakes the membership thread early
+        self._rng_membership = random.Random(seed + 1)  # the training thread owns self._rng
+        self._peers_ready = threading.Event()  # Hello waits for the peer table to exist
         self._server = GossipServer(
             self, cfg.listen, cfg.server_workers, credentials, cfg.receive_timeout_s
         )
-        self._stop = threading.Event()
-        self._rng_membership = random.Random(seed + 1)  # the training thread owns self._rng
         self._discovery: MdnsDiscovery | None = None
         try:
             listen_host, _ = parse_address(cfg.listen)
@@ -158,6 +160,7 @@ class GossipNode:
             self.peers = PeerTable(cfg.node_id, self.address, cfg.max_failures)
             for seed_address in cfg.peers:
                 self.peers.add_seed(seed_address)
+            self._peers_ready.set()
 
             # discovery: seeds now; with mDNS, a short window to hear who is out there
             if cfg.mdns_enabled:
@@ -171,7 +174,7 @@ class GossipNode:
                     cfg.cluster,
                     PROTOCOL_VERSION,
                     (host, port),
-                    on_found=lambda address, node_id: self.peers.observe(address, node_id),
+                    on_found=self._found_by_mdns,
                     interface=cfg.mdns_interface or (None if wildcard else host),
                 )
                 self._discovery.start()
@@ -743,8 +746,11 @@ class GossipNode:
 
     def hello(self, request: pb.HelloRequest, peer: str) -> pb.HelloReply:
         """Membership: learn the caller and the peers it knows; tell it ours."""
+        if not self._peers_ready.wait(self.config.rpc_timeout_s):
+            raise Reject("precondition", "starting", "node is starting")
         if request.cluster == self.config.cluster and request.protocol_version == PROTOCOL_VERSION:
             self._learn(request.self, request.peers)
+            self._meet_soon(request.self.address)
         return pb.HelloReply(
             self=pb.PeerInfo(node_id=self.config.node_id, address=self.address),
             cluster=self.config.cluster,
@@ -770,6 +776,18 @@ class GossipNode:
         self._log_once(host, reject.counter, f"refused a call from {host}: {reject.reason}")
 
     # --- membership thread ---------------------------------------------------------------------
+
+    def _found_by_mdns(self, address: str, node_id: str) -> None:
+        """mDNS saw a node of our cluster (zeroconf's thread)."""
+        self._log_once(node_id, "mdns", f"mDNS: found {node_id} at {address}")
+        self.peers.observe(address, node_id)
+        self._meet_soon(address)
+
+    def _meet_soon(self, address: str) -> None:
+        """Wake the membership thread if `address` has never answered a call of ours."""
+        peer = self.peers.get(address)
+        if peer is not None and not peer.confirmed:
+            self._meet.set()
 
     def _peer_infos(self) -> list[pb.PeerInfo]:
         live = self.peers.live()[:HELLO_PEERS]
@@ -833,15 +851,32 @@ class GossipNode:
         if reply.self.node_id == self.config.node_id:
             self.peers.remove(address)  # ourselves under another address
             return None
-        self.peers.observe(address, reply.self.node_id or None, confirmed=True)
-        self._learn(pb.PeerInfo(node_id=reply.self.node_id, address=address), reply.peers)
+        # One row per node, under the address it advertises: a seed dialled by host name and
+        # the same node found by mDNS or peer exchange must not count as two peers.
+        canonical = address
+        advertised = reply.self.address
+        if advertised and advertised != address and advertised != self.address:
+            try:
+                parse_address(advertised)
+            except ValueError:
+                pass
+            else:
+                canonical = advertised
+                self.peers.remove(address)
+        self.peers.observe(canonical, reply.self.node_id or None, confirmed=True)
+        self._learn(pb.PeerInfo(node_id=reply.self.node_id, address=canonical), reply.peers)
         if not reply.accepting:
-            self.peers.mark_left(address)
+            self.peers.mark_left(canonical)
         return reply
 
     def _membership_loop(self) -> None:
         interval = self.config.hello_interval_s
-        while not self._stop.wait(interval * self._rng_membership.uniform(0.5, 1.5)):
+        while True:
+            # a round every ~interval, or at once when a new peer shows up (_meet_soon)
+            self._meet.wait(interval * self._rng_membership.uniform(0.5, 1.5))
+            self._meet.clear()
+            if self._stop.is_set():
+                return
             known = self.peers.all()
             # Everyone heard of but never called, plus a few at random to refresh liveness.
             fresh = [p.address for p in known if not p.confirmed]
@@ -870,6 +905,7 @@ class GossipNode:
 
     def _shutdown_threads(self, grace: float = 2.0) -> None:
         self._stop.set()
+        self._meet.set()
         if self._discovery is not None:
             self._discovery.close()
         membership = getattr(self, "_membership", None)

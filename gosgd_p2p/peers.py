@@ -23,7 +23,7 @@ class Peer:
     address: str
     node_id: str | None  # None until a source tells it
     status: str  # "live" | "suspended" | "left"
-    last_seen: float  # time.monotonic() of the last sign of life; 0.0 if never
+    last_seen: float  # time.monotonic() of the last sign of life, or when first heard of
     failures: int  # consecutive failed calls
     confirmed: bool = False  # we have called it successfully at least once
 
@@ -82,7 +82,7 @@ class PeerTable:
                     if row.node_id == node_id and addr != address:
                         del self._rows[addr]
             existing = self._rows.get(address)
-            now = time.monotonic() if seen else 0.0
+            now = time.monotonic()
             if existing is None:
                 if len(self._rows) >= self.max_peers:
                     return

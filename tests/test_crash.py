@@ -109,6 +109,7 @@ def test_a_restarted_node_resumes_from_its_checkpoint_and_rejoins(node_processes
     b_args = (*train, "--steps", "600", "--eval-every", "50", "--checkpoint-dir", ckpt,
               "--checkpoint-every", "40", "--peers", a.address)  # fmt: skip
     b = node_processes("b", *b_args, "--wait-for-peers", "1")
+    wait_until(lambda: a.records() and b.records(), 120, "both to start training")
     wait_until(lambda: any(r["step"] >= 150 for r in b.records()), 120, "b to train")
     b.kill()
     b.wait(30)
