@@ -88,12 +88,7 @@ class PeerClient:
             if channel is not None:
                 self._channels.move_to_end(address)
                 return channel
-            options = grpc_options() + self._credentials.channel_options()
-            creds = self._credentials.channel_credentials()
-            if creds is None:
-                channel = grpc.insecure_channel(address, options=options)
-            else:
-                channel = grpc.secure_channel(address, creds, options=options)
+            channel = self._credentials.open_channel(address, grpc_options())
             self._channels[address] = channel
             if len(self._channels) > self._max_channels:
                 _, oldest = self._channels.popitem(last=False)

@@ -20,15 +20,7 @@ __all__ = ["check", "main"]
 
 def check(address: str, credentials: Credentials | None = None, timeout: float = 3.0) -> str:
     """The node's health status name (SERVING, NOT_SERVING, ...); raises grpc.RpcError."""
-    credentials = credentials or Credentials()
-    creds = credentials.channel_credentials()
-    options = credentials.channel_options()
-    channel = (
-        grpc.secure_channel(address, creds, options=options)
-        if creds is not None
-        else grpc.insecure_channel(address, options=options)
-    )
-    with channel:
+    with (credentials or Credentials()).open_channel(address) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=""), timeout=timeout
         )

@@ -116,7 +116,7 @@ class GossipNode:
         #: Local steps taken (calls to step()).
         self.step_count = 0
         self.counters = Counters()
-        self.last_distance: float | None = None  # ||x_s - x|| at the most recent merge
+        self._last_distance: torch.Tensor | None = None  # see last_distance
         self._has_state = False
         self._finished = False
         self._closed = False
@@ -313,6 +313,12 @@ class GossipNode:
         self.close()
 
     @property
+    def last_distance(self) -> float | None:
+        """||x_s - x|| of the most recent received message, before it was merged."""
+        distance = self._last_distance
+        return None if distance is None else float(distance)
+
+    @property
     def in_flight(self) -> int:
         """Pushes handed to the sender and not yet acked or returned."""
         with self._inflight_cv:
@@ -374,14 +380,19 @@ class GossipNode:
 
     def _copy_state_into(self, buf: torch.Tensor) -> None:
         if self.device.type == "cuda":
-            if self._device_staging is None:
-                self._device_staging = torch.empty(
-                    self.layout.numel, dtype=torch.float32, device=self.device
-                )
-            self.layout.flatten_into(self._tensors, self._device_staging)
-            buf.copy_(self._device_staging)
+            staging = self._staging()
+            self.layout.flatten_into(self._tensors, staging)
+            buf.copy_(staging)
         else:
             self.layout.flatten_into(self._tensors, buf)
+
+    def _staging(self) -> torch.Tensor:
+        """The one state-sized float32 buffer on the GPU (snapshots out, messages in)."""
+        if self._device_staging is None:
+            self._device_staging = torch.empty(
+                self.layout.numel, dtype=torch.float32, device=self.device
+            )
+        return self._device_staging
 
     def _push_random(self) -> None:
         if self.weight / 2.0 <= 0.0:
@@ -433,19 +444,15 @@ class GossipNode:
         for msg in messages:
             payload = msg.payload
             if self.device.type == "cuda":
-                if self._device_staging is None:
-                    self._device_staging = torch.empty(
-                        self.layout.numel, dtype=torch.float32, device=self.device
-                    )
-                self._device_staging.copy_(payload)
-                payload = self._device_staging
+                payload = self._staging().copy_(payload)
             incoming = self.layout.views(payload)
             if msg.returned:
                 self.counters.add("merged_returned")
             else:
                 diffs = torch._foreach_sub(incoming, self._tensors)
-                self.last_distance = float(
-                    torch.linalg.vector_norm(torch.stack(torch._foreach_norm(diffs)))
+                # kept as a tensor: a float() here would wait for the GPU at every merge
+                self._last_distance = torch.linalg.vector_norm(
+                    torch.stack(torch._foreach_norm(diffs))
                 )
                 self.counters.add("merged_received")
             self.weight = algorithm.merge_(self._tensors, self.weight, incoming, msg.weight)

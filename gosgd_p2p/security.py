@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +93,14 @@ class Credentials:
 
     def channel_options(self) -> list[tuple[str, str]]:
         return [("grpc.ssl_target_name_override", TLS_TARGET_NAME)] if self.tls else []
+
+    def open_channel(self, address: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+        """A channel to `address` that speaks TLS when this node does, with `options` added."""
+        options = [*options, *self.channel_options()]
+        creds = self.channel_credentials()
+        if creds is None:
+            return grpc.insecure_channel(address, options=options)
+        return grpc.secure_channel(address, creds, options=options)
 
     def call_metadata(self) -> tuple[tuple[str, str], ...] | None:
         if self.token is None:
