@@ -13,17 +13,14 @@ memory on a GPU). Ratios are against p = 0 measured in the same run. On a CUDA m
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
-import os
-import platform
 import resource
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from report import write_json  # bench/report.py, beside this script
 
 CLUSTER = "overhead"
 
@@ -156,16 +153,7 @@ def main() -> None:
             f"{r['pushes']:>7} {r['peak_rss_mb']:>12.0f} {r['rss_ratio']:>9.2f}x "
             f"{r['peak_gpu_mb']:>7.0f}"
         )
-    result = {
-        "benchmark": "overhead",
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "device": args.device,
-        "rows": rows,
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_json(args.json, "overhead", device=args.device, rows=rows)
 
 
 if __name__ == "__main__":

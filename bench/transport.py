@@ -13,17 +13,14 @@ a one-byte ack. Prints GB/s and the ratio to raw TCP; writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
-import os
-import platform
 import socket
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
+from report import write_json  # bench/report.py, beside this script
 
 
 class Flat(torch.nn.Module):
@@ -143,15 +140,7 @@ def main() -> None:
             f"{r['bytes'] >> 20:>5} MB {r['raw_tcp_gbps']:>13.2f} {r['pushstate_gbps']:>15.2f}"
             f" {r['ratio']:>6.2f}x"
         )
-    result = {
-        "benchmark": "transport",
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "rows": rows,
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_json(args.json, "transport", rows=rows)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,11 @@ Prints a table with ratios and writes JSON. Usage: python bench/wire_codec.py [-
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from report import write_json  # bench/report.py, beside this script
 
 from gosgd_p2p.models import build_model
 from gosgd_p2p.state import StateLayout, module_state
@@ -113,17 +110,7 @@ def main() -> None:
         f"per-tensor copy_ {snap['per_tensor_gbps']:.2f} GB/s, one cat {snap['flat_gbps']:.2f} "
         f"GB/s, {snap['speedup']:.2f}x"
     )
-    result = {
-        "benchmark": "wire_codec",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
-        "torch": torch.__version__,
-        "codec": codec,
-        "snapshot": snap,
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_json(args.json, "wire_codec", torch=torch.__version__, codec=codec, snapshot=snap)
 
 
 if __name__ == "__main__":
