@@ -76,6 +76,7 @@ def receiver(nbytes: int, ready: Any, stop: Any) -> None:
 
 def measure(nbytes: int, repeats: int) -> dict[str, Any]:
     from gosgd_p2p.client import PeerClient
+    from gosgd_p2p.malloc import tune_malloc
     from gosgd_p2p.state import StateLayout, module_state
     from gosgd_p2p.v1 import gossip_pb2 as pb
     from gosgd_p2p.wire import PROTOCOL_VERSION
@@ -99,7 +100,8 @@ def measure(nbytes: int, repeats: int) -> dict[str, Any]:
                 assert conn.recv(1) == b"k"
                 raw_times.append(time.perf_counter() - started)
 
-        # PushState: the node's own client and server
+        # PushState: the node's own client and server (tuned as a GossipNode tunes its process)
+        tune_malloc()
         client = PeerClient()
         push_times = []
         for i in range(repeats + 1):

@@ -75,6 +75,7 @@ class NodeConfig:
     linger_s: float = 5.0  # close() after finish(): longest time to keep answering, seconds
     quiet_s: float = 0.5  # ... ending early once no push or ResolvePush came for this long
     server_workers: int = 16  # gRPC server threads (concurrent incoming calls)
+    tune_malloc: bool = True  # keep glibc from unmapping each received chunk (gosgd_p2p.malloc)
     token_file: str | None = None  # file holding the cluster secret; None: no token
     tls_cert: str | None = None  # this node's certificate (PEM); with tls_key, tls_ca: mTLS
     tls_key: str | None = None  # its private key (PEM)

@@ -37,6 +37,7 @@ from gosgd_p2p.client import PeerClient, PushFailed
 from gosgd_p2p.config import NodeConfig, parse_address, text_seed
 from gosgd_p2p.discovery import MdnsDiscovery, advertise_host
 from gosgd_p2p.inbox import Inbox, Message
+from gosgd_p2p.malloc import tune_malloc
 from gosgd_p2p.metrics import Counters
 from gosgd_p2p.peers import PeerTable
 from gosgd_p2p.security import Credentials
@@ -103,6 +104,8 @@ class GossipNode:
     ) -> None:
         cfg = replace(config or NodeConfig(), **overrides)
         self.config = cfg
+        if cfg.tune_malloc:
+            tune_malloc()
         named = module_state(model)
         self.layout = StateLayout(named)
         self._tensors = [t for _, t in named]

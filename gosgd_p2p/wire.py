@@ -11,11 +11,15 @@ and the bytes, so one join writes a chunk and a memoryview reads it.
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from gosgd_p2p.v1 import gossip_pb2 as pb
+
+try:  # ISA-L computes the same CRC-32 as zlib with carry-less multiplies: ~23 GB/s against ~4
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover - a platform without an isal wheel
+    from zlib import crc32
 
 __all__ = [
     "CHUNK_BYTES",
@@ -195,7 +199,7 @@ def split_for_streaming(
     total = len(payload)
     for start in range(0, total, chunk_bytes):
         piece = payload[start : start + chunk_bytes]
-        crc = zlib.crc32(piece, crc)
+        crc = crc32(piece, crc)
         last = start + chunk_bytes >= total
         yield encode_chunk(Chunk(offset=start, data=piece, crc32=crc if last else None))
     if total == 0:
@@ -287,7 +291,7 @@ def assemble(
         if received + n > total:
             raise Reject("invalid", "payload_size", "more payload bytes than the header declared")
         out[received : received + n] = chunk.data
-        crc = zlib.crc32(chunk.data, crc)
+        crc = crc32(chunk.data, crc)
         received += n
         final_crc = chunk.crc32
     if final_crc is None:
