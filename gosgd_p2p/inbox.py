@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gosgd_p2p.staging import no_wait
 from gosgd_p2p.wire import Reject
 
 __all__ = ["Inbox", "Message"]
@@ -35,6 +36,7 @@ class Message:
     sender_step: int
     returned: bool  # True: our own push coming back
     release: Callable[[torch.Tensor], None]  # hands `payload` back to its pool after the merge
+    ready: Callable[[], None] = no_wait  # waits until `payload` is written (a GPU snapshot)
 
 
 class Inbox:

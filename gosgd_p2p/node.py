@@ -42,6 +42,7 @@ from gosgd_p2p.metrics import Counters
 from gosgd_p2p.peers import PeerTable
 from gosgd_p2p.security import Credentials
 from gosgd_p2p.server import GossipServer
+from gosgd_p2p.staging import Staging
 from gosgd_p2p.state import BufferPool, StateLayout, all_finite, module_state
 from gosgd_p2p.v1 import gossip_pb2 as pb
 from gosgd_p2p.wire import (
@@ -127,7 +128,7 @@ class GossipNode:
         pin = self.device.type == "cuda"
         self._send_pool = BufferPool(self.layout.numel, cfg.send_buffers, pin=pin)
         self._recv_pool = BufferPool(self.layout.numel, cfg.inbox_size, pin=pin)
-        self._device_staging: torch.Tensor | None = None  # merge input on the GPU
+        self._staging = Staging(self.layout, self._tensors)
         self.inbox = Inbox()
         self._expect = Expectation(cfg.cluster, self.layout.fingerprint, self.layout.nbytes)
         self._donations: queue.Queue[Future[Message]] = queue.Queue(maxsize=2)
@@ -223,6 +224,7 @@ class GossipNode:
         """
         self._check_open()
         self.step_count += 1
+        self._staging.poll()
         self._serve_donations()
         if push_to is not None:
             self._push(push_to)
@@ -252,6 +254,7 @@ class GossipNode:
                         break
                     self._inflight_cv.wait(left)
         self._merge_inbox()
+        self._staging.flush()
         return self.weight
 
     def leave(self) -> float:
@@ -267,7 +270,7 @@ class GossipNode:
         if buf is None:  # impossible after finish(): every push is settled
             raise RuntimeError("no send buffer free after draining")
         try:
-            self._snapshot_into(buf)
+            self._snapshot(buf)()  # leaving: waiting for the copy is fine
             header = self._header(self.weight)
             candidates = self.peers.live()
             self._rng.shuffle(candidates)
@@ -308,6 +311,7 @@ class GossipNode:
                 if quiet_left <= 0 or self._stop.wait(min(quiet_left, deadline - now)):
                     break
         self._shutdown_threads(grace)
+        self._staging.flush()
 
     def __enter__(self) -> GossipNode:
         return self
@@ -375,27 +379,16 @@ class GossipNode:
             sender_address=self.address,
         )
 
-    def _snapshot_into(self, buf: torch.Tensor) -> None:
-        """Copy x into the host buffer `buf` (blocks until the copy is complete)."""
+    def _snapshot(self, buf: torch.Tensor) -> Callable[[], None]:
+        """Start copying x into the host buffer `buf`; returns the wait for that copy.
+
+        On the CPU the copy is done on return; on CUDA it runs on a side stream (the training
+        thread's time here, the "snapshot" timer, is only the enqueueing).
+        """
         started = time.perf_counter()
-        self._copy_state_into(buf)
+        wait = self._staging.snapshot(buf)
         self.counters.observe("snapshot", time.perf_counter() - started)
-
-    def _copy_state_into(self, buf: torch.Tensor) -> None:
-        if self.device.type == "cuda":
-            staging = self._staging()
-            self.layout.flatten_into(self._tensors, staging)
-            buf.copy_(staging)
-        else:
-            self.layout.flatten_into(self._tensors, buf)
-
-    def _staging(self) -> torch.Tensor:
-        """The one state-sized float32 buffer on the GPU (snapshots out, messages in)."""
-        if self._device_staging is None:
-            self._device_staging = torch.empty(
-                self.layout.numel, dtype=torch.float32, device=self.device
-            )
-        return self._device_staging
+        return wait
 
     def _push_random(self) -> None:
         if self.weight / 2.0 <= 0.0:
@@ -418,7 +411,7 @@ class GossipNode:
         if buf is None:
             self.counters.add("pushes_skipped_busy")  # every snapshot buffer still in flight
             return
-        self._snapshot_into(buf)
+        ready = self._snapshot(buf)
         self.weight, sent = algorithm.halve(self.weight)
         header = self._header(sent)
         msg = Message(
@@ -429,6 +422,7 @@ class GossipNode:
             sender_step=self.step_count,
             returned=True,
             release=self._send_pool.release,
+            ready=ready,
         )
         with self._inflight_cv:
             self._inflight += 1
@@ -445,10 +439,7 @@ class GossipNode:
 
     def _merge(self, messages: list[Message]) -> None:
         for msg in messages:
-            payload = msg.payload
-            if self.device.type == "cuda":
-                payload = self._staging().copy_(payload)
-            incoming = self.layout.views(payload)
+            incoming = self.layout.views(self._staging.load(msg.payload))
             if msg.returned:
                 self.counters.add("merged_returned")
             else:
@@ -459,7 +450,7 @@ class GossipNode:
                 )
                 self.counters.add("merged_received")
             self.weight = algorithm.merge_(self._tensors, self.weight, incoming, msg.weight)
-            msg.release(msg.payload)
+            self._staging.release_after(msg.release, msg.payload)
 
     def _serve_donations(self) -> None:
         """Answer joiners' FetchState requests: snapshot and half our weight, as for a push."""
@@ -474,7 +465,7 @@ class GossipNode:
             if buf is None:
                 fut.set_exception(Reject("exhausted", "donation_busy", "no buffer to donate"))
                 continue
-            self._snapshot_into(buf)
+            ready = self._snapshot(buf)
             self.weight, sent = algorithm.halve(self.weight)
             fut.set_result(
                 Message(
@@ -485,6 +476,7 @@ class GossipNode:
                     sender_step=self.step_count,
                     returned=True,
                     release=self._recv_pool.release,
+                    ready=ready,
                 )
             )
 
@@ -550,6 +542,7 @@ class GossipNode:
     def _push_task(self, address: str, header: pb.StateHeader, msg: Message) -> None:
         try:
             try:
+                msg.ready()  # a GPU snapshot may still be on its way into the buffer
                 ack = self._deliver(address, header, _byte_view(msg.payload))
             except Exception:  # a bug must not lose the weight either
                 log.exception("push to %s failed unexpectedly", address)
@@ -743,6 +736,7 @@ class GossipNode:
             msg = fut.result()
         done = False
         try:
+            msg.ready()
             yield from split_for_streaming(self._header(msg.weight), _byte_view(msg.payload))
             done = True
         finally:

@@ -1,0 +1,112 @@
+"""Moving the flat state between the model's device and host buffers without stalling training.
+
+On CUDA a snapshot is one gather of the state into a flat device buffer on the training stream
+(a device-to-device copy, ~0.02 ms for a ResNet-18), then one copy of that buffer into a pinned
+host buffer on a side stream: the training thread only enqueues work and returns, and the
+sender thread waits for the copy's event before it streams the buffer. An incoming message is
+copied from its pinned host buffer into a second flat device buffer on the training stream and
+merged there; the host buffer goes back to its pool once an event says the copy is done, found
+by polling at the next step, never by waiting. On the CPU everything is a plain copy.
+
+Only the training thread calls Staging's methods; the `wait` a snapshot returns may be called
+from any thread.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import torch
+
+from gosgd_p2p.state import WIRE_DTYPE, StateLayout
+
+__all__ = ["Staging", "no_wait"]
+
+
+def no_wait() -> None:
+    """The wait of a snapshot that is complete when taken (CPU)."""
+
+
+class Staging:
+    """The device side of snapshots and merges for one model's state (training thread only)."""
+
+    def __init__(self, layout: StateLayout, tensors: Sequence[torch.Tensor]) -> None:
+        self.layout = layout
+        self._tensors = list(tensors)
+        self.device = self._tensors[0].device
+        self.cuda = self.device.type == "cuda"
+        self._out: torch.Tensor | None = None  # snapshots leave through this device buffer
+        self._in: torch.Tensor | None = None  # messages arrive through this one
+        self._out_free: torch.cuda.Event | None = None  # the last snapshot's copy-out is done
+        self._side: torch.cuda.Stream | None = None
+        self._pending: deque[tuple[torch.cuda.Event, Callable[[torch.Tensor], None], torch.Tensor]]
+        self._pending = deque()
+
+    @torch.no_grad()
+    def snapshot(self, host: torch.Tensor) -> Callable[[], None]:
+        """Start copying the state into the host buffer `host`; returns a wait for the copy.
+
+        The state is captured as it is now: later steps do not change what arrives in `host`.
+        Read `host` only after calling the returned wait (from any thread).
+        """
+        if not self.cuda:
+            self.layout.flatten_into(self._tensors, host)
+            return no_wait
+        out = self._device_buffer("_out")
+        training = torch.cuda.current_stream(self.device)
+        if self._out_free is not None:
+            training.wait_event(self._out_free)  # the previous copy-out has read `out`
+        self.layout.flatten_into(self._tensors, out)
+        side = self._side_stream()
+        side.wait_stream(training)
+        with torch.cuda.stream(side):
+            host.copy_(out, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(side)
+        self._out_free = done
+        return done.synchronize
+
+    def load(self, host: torch.Tensor) -> torch.Tensor:
+        """The flat state in the host buffer `host`, on the model's device (for a merge).
+
+        On CUDA the copy is queued on the training stream; give `host` back with release_after.
+        """
+        if not self.cuda:
+            return host
+        return self._device_buffer("_in").copy_(host, non_blocking=True)
+
+    def release_after(self, release: Callable[[torch.Tensor], None], host: torch.Tensor) -> None:
+        """Call release(host) once the device work queued so far no longer reads `host`."""
+        if not self.cuda:
+            release(host)
+            return
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        self._pending.append((done, release, host))
+        self.poll()
+
+    def poll(self) -> None:
+        """Release the host buffers whose copies have completed (never waits)."""
+        while self._pending and self._pending[0][0].query():
+            _, release, host = self._pending.popleft()
+            release(host)
+
+    def flush(self) -> None:
+        """Wait for every queued copy and release every host buffer."""
+        while self._pending:
+            done, release, host = self._pending.popleft()
+            done.synchronize()
+            release(host)
+
+    def _device_buffer(self, name: str) -> torch.Tensor:
+        buf: torch.Tensor | None = getattr(self, name)
+        if buf is None:
+            buf = torch.empty(self.layout.numel, dtype=WIRE_DTYPE, device=self.device)
+            setattr(self, name, buf)
+        return buf
+
+    def _side_stream(self) -> torch.cuda.Stream:
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+        return self._side

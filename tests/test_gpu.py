@@ -1,0 +1,98 @@
+"""The CUDA path: snapshots on a side stream, merges on the device, deferred buffer release.
+
+These need a CUDA device; CI has none, so they run on the GPU host through
+`bench/gpu_run.sh` (results in docs/benchmarks.md). `torch.cuda._sleep` keeps the training
+stream busy for a known while, so "the training thread did not wait" is a checkable fact: the
+stream is still busy when the call returns.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import wait_until
+
+from gosgd_p2p import GossipNode, NodeConfig, algorithm
+from gosgd_p2p.models import build_model
+from gosgd_p2p.staging import Staging
+from gosgd_p2p.state import StateLayout, module_state
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+BUSY_CYCLES = 200_000_000  # ~0.1 s of GPU time: far longer than any enqueueing here
+
+
+def resnet() -> tuple[torch.nn.Module, StateLayout, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = build_model("resnet18", (3, 32, 32), 10).cuda()
+    named = module_state(model)
+    return model, StateLayout(named), [t for _, t in named]
+
+
+def test_snapshot_does_not_wait_and_captures_the_state_when_taken() -> None:
+    _, layout, tensors = resnet()
+    staging = Staging(layout, tensors)
+    expected = torch.cat([t.reshape(-1) for t in tensors]).cpu()
+    host = torch.full((layout.numel,), float("nan")).pin_memory()
+    training = torch.cuda.current_stream()
+    torch.cuda._sleep(BUSY_CYCLES)
+    wait = staging.snapshot(host)
+    assert not training.query()  # returned while the training stream is still busy
+    torch._foreach_add_(tensors, 1.0)  # the next step changes x right away
+    wait()
+    assert torch.equal(host, expected)
+    # a second snapshot reuses the device buffer only after the first copy-out read it
+    wait = staging.snapshot(host)
+    wait()
+    torch.testing.assert_close(host, expected + 1.0)
+
+
+def test_device_merge_matches_the_cpu_and_frees_the_host_buffer_after_the_copy() -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = [torch.randn(1000, generator=gen), torch.randn(10, 10, generator=gen)]
+    xs = [torch.randn(t.shape, generator=gen) for t in x]
+    layout = StateLayout([(f"t{i}", t) for i, t in enumerate(x)])
+    gpu = [t.cuda() for t in x]
+    staging = Staging(layout, gpu)
+    host = torch.empty(layout.numel).pin_memory()
+    layout.flatten_into(xs, host)
+    released: list[torch.Tensor] = []
+    torch.cuda._sleep(BUSY_CYCLES)
+    weight = algorithm.merge_(gpu, 1.0, layout.views(staging.load(host)), 0.5)
+    staging.release_after(released.append, host)
+    assert released == []  # the copy out of `host` is still queued behind the busy stream
+    staging.flush()
+    assert len(released) == 1 and released[0] is host
+    cpu = [t.clone() for t in x]
+    assert algorithm.merge_(cpu, 1.0, layout.views(host.clone()), 0.5) == weight == 1.5
+    for g, c in zip(gpu, cpu, strict=True):
+        torch.testing.assert_close(g.cpu(), c)
+
+
+def test_two_cuda_nodes_exchange_exactly() -> None:
+    """Pushes both ways between two CUDA nodes: x = weighted mean, weight conserved."""
+    ma, _, _ = resnet()
+    torch.manual_seed(1)
+    mb = build_model("resnet18", (3, 32, 32), 10).cuda()
+    cfg = dict(cluster="gpu", p=0.0, mdns=False, hello_interval_s=0.2)
+    a = GossipNode(ma, NodeConfig(node_id="a", **cfg))
+    b = GossipNode(mb, NodeConfig(node_id="b", peers=[a.address], **cfg))
+    with a, b:
+        wait_until(lambda: a.peers.live() and b.peers.live(), 20, "peers to meet")
+        xa = [t.clone() for t in a.state]
+        xb = [t.clone() for t in b.state]
+        a.step(push_to=b.address)  # a: 1 -> 0.5, sends (xa, 0.5)
+        torch._foreach_add_(a.state, 1.0)  # a trains on at once; the message must hold xa
+        wait_until(lambda: a.in_flight == 0, 30, "a's push to settle")
+        b.step()  # b merges: (xb * 1 + xa * 0.5) / 1.5
+        assert a.stats()["pushes_acked"] == 1 and b.stats()["merged_received"] == 1
+        assert math.isclose(a.finish() + b.finish(), 2.0, rel_tol=0, abs_tol=1e-12)
+        for got, ya, yb in zip(b.state, xa, xb, strict=True):
+            torch.testing.assert_close(got, (yb + 0.5 * ya) / 1.5, rtol=1e-5, atol=1e-5)
+            assert got.is_cuda
+        assert b.last_distance is not None and math.isfinite(b.last_distance)
