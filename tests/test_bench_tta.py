@@ -1,0 +1,95 @@
+"""bench/time_to_accuracy.py end to end on a tiny budget: three systems in a private network
+namespace, bytes counted on its loopback, the gossip weights exact at the end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "time_to_accuracy.py"
+MAX_STEPS = 60
+
+
+def _unshare_unavailable() -> str | None:
+    """None when this process may create network namespaces, else why not (a skip reason)."""
+    if os.geteuid() != 0:
+        return "unshare --net needs root"
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return "unshare (util-linux) or ip (iproute2) is not installed"
+    probe = subprocess.run(
+        ["unshare", "--net", "--mount", "true"], capture_output=True, text=True, timeout=30
+    )
+    if probe.returncode != 0:
+        return f"unshare --net --mount is not permitted here: {probe.stderr.strip()}"
+    return None
+
+
+def _bench(tmp_path: Path, *flags: str) -> tuple[dict[str, Any], str]:
+    out = tmp_path / "tta.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--max-steps", str(MAX_STEPS), "--target", "0.5",
+         "--eval-every", "10", "--timeout-s", "60", "--json", str(out), *flags],
+        capture_output=True, text=True, timeout=170, cwd=SCRIPT.parents[1],
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(out.read_text()), result.stdout
+
+
+@pytest.mark.timeout(180)
+def test_three_systems_reach_the_target_and_bytes_are_counted_on_a_private_loopback(
+    tmp_path: Path,
+) -> None:
+    why = _unshare_unavailable()
+    if why:
+        pytest.skip(why)
+    report, stdout = _bench(tmp_path)
+    systems = {row["system"]: row for row in report["systems"]}
+    assert list(systems) == ["gossip", "ddp", "sgd"]
+    assert "private network namespace" in report["bytes_counted"]
+    gossip, ddp, sgd = systems["gossip"], systems["ddp"], systems["sgd"]
+
+    for row in systems.values():
+        assert not row["errors"], row["errors"]
+        assert row["reached"], row  # 0.5 takes an mlp about 10-20 steps on digits
+        assert 0 < row["steps_to_target"] <= MAX_STEPS
+        assert row["steps_done"] and all(0 < s <= MAX_STEPS for s in row["steps_done"])
+        assert row["best_accuracy"] >= 0.5 and row["final_accuracy"] > 0
+        assert all(pt["step"] % 10 == 0 for pt in row["curve"])  # every --eval-every steps
+        counts = [pt["bytes"] for pt in row["curve"]]
+        assert counts == sorted(counts)  # read from one monotonic counter
+        assert row["total_rx_bytes"] == row["total_bytes"]  # loopback: every byte sent arrives
+    assert len(gossip["steps_done"]) == len(ddp["steps_done"]) == 4
+    assert len(sgd["steps_done"]) == 1
+
+    # bytes: all-reduce every step and gossip both show up; one process sends nothing
+    assert ddp["bytes_to_target"] > 0 and ddp["training_bytes"] > 0
+    assert gossip["total_bytes"] > 0
+    assert gossip["training_bytes"] >= gossip["payload_bytes_sent"]  # the wire carries the state
+    assert sgd["total_bytes"] < 0.001 * ddp["total_bytes"]
+
+    # DDP's ranks hold one model: every evaluation agrees across ranks
+    assert all(len(set(pt["accuracy"])) == 1 for pt in ddp["curve"]), ddp["curve"]
+    # every gossip node founded, and after finish() the weights sum exactly to 4
+    assert gossip["founders"] == 4
+    assert len(gossip["final_weights"]) == 4
+    assert math.isclose(math.fsum(gossip["final_weights"]), 4.0, abs_tol=1e-9)
+    assert gossip["bytes_ratio_vs_ddp"] is not None and ddp["wall_ratio_vs_ddp"] == 1.0
+    assert "rule: target reached" in stdout and "gossip p=0.1" in stdout
+
+
+@pytest.mark.timeout(60)
+def test_no_netns_counts_the_shared_loopback_and_says_so(tmp_path: Path) -> None:
+    report, stdout = _bench(tmp_path, "--no-netns", "--systems", "sgd")
+    assert report["bytes_counted"].endswith("shared loopback, counts include other traffic")
+    assert "shared loopback" in stdout
+    (row,) = report["systems"]
+    assert row["system"] == "sgd" and row["reached"] and row["steps_to_target"] <= MAX_STEPS
+    assert row["wall_ratio_vs_ddp"] is None  # no DDP in this run to compare with
