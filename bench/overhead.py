@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import queue
 import resource
+import sys
 import time
 from typing import Any
 
@@ -63,6 +65,8 @@ def trainer(args: dict[str, Any], out: Any) -> None:
     from gosgd_p2p import GossipNode, NodeConfig
 
     torch.set_num_threads(args["threads"])
+    if args["switch_interval"]:
+        sys.setswitchinterval(args["switch_interval"])
     device = args["device"]
     model = _model(args["model"], device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -101,6 +105,20 @@ def trainer(args: dict[str, Any], out: Any) -> None:
     out.put((per_step, rss_mb, gpu_mb, pushes))
 
 
+def _result(proc: Any, out: Any, limit_s: float) -> Any:
+    """The trainer's result; fails at once if it died instead of waiting out the limit."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            return out.get(timeout=1.0)
+        except queue.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"trainer exited with code {proc.exitcode}") from None
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise TimeoutError(f"trainer gave no result in {limit_s} s") from None
+
+
 def run(model: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     ctx = mp.get_context("spawn")
     ready, stop = ctx.Queue(), ctx.Event()
@@ -114,11 +132,11 @@ def run(model: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             job = {
                 "model": model, "p": p, "sink": address, "steps": args.steps,
                 "warmup": args.warmup, "device": args.device, "threads": args.threads,
-                "batch_size": args.batch_size,
+                "batch_size": args.batch_size, "switch_interval": args.switch_interval,
             }  # fmt: skip
             proc = ctx.Process(target=trainer, args=(job, out))
             proc.start()
-            per_step, rss, gpu, pushes = out.get(timeout=1800)
+            per_step, rss, gpu, pushes = _result(proc, out, limit_s=1800)
             proc.join(60)
             rows.append(
                 {"model": model, "p": p, "step_s": per_step, "peak_rss_mb": rss,
@@ -142,6 +160,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads of the trainer")
+    parser.add_argument(
+        "--switch-interval", type=float, default=0.0,
+        help="sys.setswitchinterval of the trainer, seconds (0: Python's default, 0.005)",
+    )  # fmt: skip
     parser.add_argument("--json", default="bench/results/overhead.json")
     args = parser.parse_args()
     rows = [r for m in args.models.split(",") for r in run(m, args)]
@@ -153,7 +175,13 @@ def main() -> None:
             f"{r['pushes']:>7} {r['peak_rss_mb']:>12.0f} {r['rss_ratio']:>9.2f}x "
             f"{r['peak_gpu_mb']:>7.0f}"
         )
-    write_json(args.json, "overhead", device=args.device, rows=rows)
+    gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else None
+    for r in rows:
+        r["images_per_s"] = args.batch_size / r["step_s"]
+    switch = args.switch_interval or sys.getswitchinterval()
+    write_json(args.json, "overhead", device=args.device, gpu=gpu, torch=torch.__version__,
+               batch_size=args.batch_size, steps=args.steps, switch_interval=switch,
+               rows=rows)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@ On CUDA a snapshot is one gather of the state into a flat device buffer on the t
 (a device-to-device copy, ~0.02 ms for a ResNet-18), then one copy of that buffer into a pinned
 host buffer on a side stream: the training thread only enqueues work and returns, and the
 sender thread waits for the copy's event before it streams the buffer. An incoming message is
-copied from its pinned host buffer into a second flat device buffer on the training stream and
-merged there; the host buffer goes back to its pool once an event says the copy is done, found
-by polling at the next step, never by waiting. On the CPU everything is a plain copy.
+copied from its pinned host buffer into a second flat device buffer on another side stream (so
+the copy engine works while the step's kernels run) and merged on the training stream once the
+copy's event fires; the host buffer goes back to its pool when an event after the merge has
+fired, found by polling at the next step, never by waiting. On the CPU everything is a plain
+copy.
 
 Only the training thread calls Staging's methods; the `wait` a snapshot returns may be called
 from any thread.
@@ -39,7 +41,8 @@ class Staging:
         self._out: torch.Tensor | None = None  # snapshots leave through this device buffer
         self._in: torch.Tensor | None = None  # messages arrive through this one
         self._out_free: torch.cuda.Event | None = None  # the last snapshot's copy-out is done
-        self._side: torch.cuda.Stream | None = None
+        self._in_free: torch.cuda.Event | None = None  # the last merge has read `_in`
+        self._streams: dict[str, torch.cuda.Stream] = {}  # "out" and "in" copies, one each
         self._pending: deque[tuple[torch.cuda.Event, Callable[[torch.Tensor], None], torch.Tensor]]
         self._pending = deque()
 
@@ -58,7 +61,7 @@ class Staging:
         if self._out_free is not None:
             training.wait_event(self._out_free)  # the previous copy-out has read `out`
         self.layout.flatten_into(self._tensors, out)
-        side = self._side_stream()
+        side = self._side_stream("out")
         side.wait_stream(training)
         with torch.cuda.stream(side):
             host.copy_(out, non_blocking=True)
@@ -68,21 +71,32 @@ class Staging:
         return done.synchronize
 
     def load(self, host: torch.Tensor) -> torch.Tensor:
-        """The flat state in the host buffer `host`, on the model's device (for a merge).
+        """The flat state in the host buffer `host`, on the model's device, for one merge.
 
-        On CUDA the copy is queued on the training stream; give `host` back with release_after.
+        Work queued on the training stream after this sees the copy complete. Queue the merge,
+        then call release_after(release, host) before the next load.
         """
         if not self.cuda:
             return host
-        return self._device_buffer("_in").copy_(host, non_blocking=True)
+        device_in = self._device_buffer("_in")
+        side = self._side_stream("in")
+        if self._in_free is not None:
+            side.wait_event(self._in_free)  # the previous merge has read `_in`
+        with torch.cuda.stream(side):
+            device_in.copy_(host, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(side)
+        torch.cuda.current_stream(self.device).wait_event(copied)
+        return device_in
 
     def release_after(self, release: Callable[[torch.Tensor], None], host: torch.Tensor) -> None:
-        """Call release(host) once the device work queued so far no longer reads `host`."""
+        """The merge of the loaded buffer is queued: call release(host) once it has run."""
         if not self.cuda:
             release(host)
             return
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(self.device))
+        self._in_free = done
         self._pending.append((done, release, host))
         self.poll()
 
@@ -106,7 +120,7 @@ class Staging:
             setattr(self, name, buf)
         return buf
 
-    def _side_stream(self) -> torch.cuda.Stream:
-        if self._side is None:
-            self._side = torch.cuda.Stream(self.device)
-        return self._side
+    def _side_stream(self, name: str) -> torch.cuda.Stream:
+        if name not in self._streams:
+            self._streams[name] = torch.cuda.Stream(self.device)
+        return self._streams[name]

@@ -65,7 +65,9 @@ def test_device_merge_matches_the_cpu_and_frees_the_host_buffer_after_the_copy()
     torch.cuda._sleep(BUSY_CYCLES)
     weight = algorithm.merge_(gpu, 1.0, layout.views(staging.load(host)), 0.5)
     staging.release_after(released.append, host)
-    assert released == []  # the copy out of `host` is still queued behind the busy stream
+    assert released == []  # the merge reading the copy is still queued behind the busy stream
+    staging._streams["in"].synchronize()
+    assert not torch.cuda.current_stream().query()  # the copy ran beside the busy stream
     staging.flush()
     assert len(released) == 1 and released[0] is host
     cpu = [t.clone() for t in x]

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU checks in one call, for a CUDA host: the CUDA tests, then every benchmark that says
+# something about the GPU path or the host. Results go to $OUT (default bench/results/gpu):
+# env.txt, pytest.txt, gpu_micro.json, overhead_gpu.json, transport_gpu_host.json,
+# time_to_accuracy_gpu_host.json, time_to_accuracy_cnn_gpu_host.json, run.txt (8 files);
+# docs/benchmarks.md quotes them.
+#
+#   bash bench/gpu_run.sh          # ~4-5 minutes on an H200 host with 16 cores
+#
+# The host's python3 must have torch with CUDA. Missing packages may travel as wheels in .whl/
+# (WHEELS=.whl, installed into /tmp/site, nothing else touched). Each step has its own time limit, and a
+# failing step does not stop the others.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/gpu}
+PY=${PYTHON:-python3}
+WHEELS=${WHEELS-.whl}  # a folder of wheels to install first; empty: none
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -n "$WHEELS" ] && compgen -G "$WHEELS/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site "$WHEELS"/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+
+step() {  # step NAME SECONDS COMMAND...: run one step under a time limit, log its status
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s)"
+    local started=$SECONDS
+    timeout "$limit" "$@"
+    echo "== $name: exit $? after $((SECONDS - started))s"
+}
+
+{
+    echo "== env"
+    {
+        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+        echo "cpus $(nproc)"
+        "$PY" -c 'import torch, grpc, google.protobuf as p, isal
+print("torch", torch.__version__, "grpc", grpc.__version__, "protobuf", p.__version__,
+      "isal", isal.__version__, "cuda", torch.cuda.is_available())'
+    } 2>&1 | tee "$OUT/env.txt"
+    step tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_wire.py \
+        tests/test_node.py tests/test_malloc.py 2>&1 | tee "$OUT/pytest.txt" | tail -15
+    step gpu_micro 90 "$PY" bench/gpu_micro.py --json "$OUT/gpu_micro.json"
+    step overhead 200 "$PY" bench/overhead.py --models resnet18 --device cuda --batch-size 128 \
+        --steps 200 --warmup 30 --json "$OUT/overhead_gpu.json"
+    step transport 120 "$PY" bench/transport.py --sizes 16,64,256 --repeats 5 \
+        --json "$OUT/transport_gpu_host.json"
+    if [ -f bench/time_to_accuracy.py ]; then
+        step time_to_accuracy 150 "$PY" bench/time_to_accuracy.py \
+            --json "$OUT/time_to_accuracy_gpu_host.json" ${TTA_ARGS:-}
+        step time_to_accuracy_cnn 150 "$PY" bench/time_to_accuracy.py --model cnn \
+            --json "$OUT/time_to_accuracy_cnn_gpu_host.json" ${TTA_ARGS:-}
+    fi
+} 2>&1 | tee "$OUT/run.txt"
