@@ -43,17 +43,17 @@ step() {  # step NAME SECONDS COMMAND...: run one step under a time limit, log i
 print("torch", torch.__version__, "grpc", grpc.__version__, "protobuf", p.__version__,
       "isal", isal.__version__, "cuda", torch.cuda.is_available())'
     } 2>&1 | tee "$OUT/env.txt"
-    step tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_wire.py \
+    step tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_wire.py \
         tests/test_node.py tests/test_malloc.py 2>&1 | tee "$OUT/pytest.txt" | tail -15
-    step gpu_micro 90 "$PY" bench/gpu_micro.py --json "$OUT/gpu_micro.json"
-    step overhead 200 "$PY" bench/overhead.py --models resnet18 --device cuda --batch-size 128 \
+    step gpu_micro 60 "$PY" bench/gpu_micro.py --json "$OUT/gpu_micro.json"
+    step overhead 150 "$PY" bench/overhead.py --models resnet18 --device cuda --batch-size 128 \
         --steps 200 --warmup 30 --json "$OUT/overhead_gpu.json"
-    step transport 120 "$PY" bench/transport.py --sizes 16,64,256 --repeats 5 \
+    step transport 90 "$PY" bench/transport.py --sizes 16,64,256 --repeats 5 \
         --json "$OUT/transport_gpu_host.json"
     if [ -f bench/time_to_accuracy.py ]; then
-        step time_to_accuracy 150 "$PY" bench/time_to_accuracy.py \
+        step time_to_accuracy 90 "$PY" bench/time_to_accuracy.py \
             --json "$OUT/time_to_accuracy_gpu_host.json" ${TTA_ARGS:-}
-        step time_to_accuracy_cnn 150 "$PY" bench/time_to_accuracy.py --model cnn \
+        step time_to_accuracy_cnn 90 "$PY" bench/time_to_accuracy.py --model cnn \
             --json "$OUT/time_to_accuracy_cnn_gpu_host.json" ${TTA_ARGS:-}
     fi
 } 2>&1 | tee "$OUT/run.txt"
