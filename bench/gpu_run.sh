@@ -46,10 +46,10 @@ print("torch", torch.__version__, "grpc", grpc.__version__, "protobuf", p.__vers
     step tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_wire.py \
         tests/test_node.py tests/test_malloc.py 2>&1 | tee "$OUT/pytest.txt" | tail -15
     step gpu_micro 60 "$PY" bench/gpu_micro.py --json "$OUT/gpu_micro.json"
-    step overhead 150 "$PY" bench/overhead.py --models resnet18 --device cuda --batch-size 128 \
-        --steps 200 --warmup 30 --json "$OUT/overhead_gpu.json"
-    step transport 90 "$PY" bench/transport.py --sizes 16,64,256 --repeats 5 \
-        --json "$OUT/transport_gpu_host.json"
+    step overhead 200 "$PY" bench/overhead.py --models resnet18 --device cuda --batch-size 128 \
+        --steps 200 --warmup 30 --chunks-kib 1024,4096 --json "$OUT/overhead_gpu.json"
+    step transport 120 "$PY" bench/transport.py --sizes 16,64,256 --chunks-kib 1024,4096 \
+        --repeats 5 --json "$OUT/transport_gpu_host.json"
     if [ -f bench/time_to_accuracy.py ]; then
         step time_to_accuracy 90 "$PY" bench/time_to_accuracy.py \
             --json "$OUT/time_to_accuracy_gpu_host.json" ${TTA_ARGS:-}

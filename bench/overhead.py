@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from report import write_json  # bench/report.py, beside this script
 
+from gosgd_p2p.wire import CHUNK_BYTES
+
 CLUSTER = "overhead"
 
 
@@ -76,7 +78,14 @@ def trainer(args: dict[str, Any], out: Any) -> None:
     y = torch.randint(0, 10, (args["batch_size"],), generator=gen).to(device)
     node = GossipNode(
         model,
-        NodeConfig(node_id="t", cluster=CLUSTER, p=args["p"], peers=[args["sink"]], mdns=False),
+        NodeConfig(
+            node_id="t",
+            cluster=CLUSTER,
+            p=args["p"],
+            peers=[args["sink"]],
+            mdns=False,
+            chunk_bytes=args["chunk_bytes"],
+        ),  # fmt: skip
     )
     cuda = device.startswith("cuda")
 
@@ -127,19 +136,22 @@ def run(model: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     try:
         address = ready.get(timeout=120)
-        for p in (0.0, 0.1, 1.0):
+        runs = [(0.0, CHUNK_BYTES)] + [(p, c) for c in args.chunk_sizes for p in (0.1, 1.0)]
+        for p, chunk_bytes in runs:
             out = ctx.Queue()
             job = {
                 "model": model, "p": p, "sink": address, "steps": args.steps,
                 "warmup": args.warmup, "device": args.device, "threads": args.threads,
                 "batch_size": args.batch_size, "switch_interval": args.switch_interval,
+                "chunk_bytes": chunk_bytes,
             }  # fmt: skip
             proc = ctx.Process(target=trainer, args=(job, out))
             proc.start()
             per_step, rss, gpu, pushes = _result(proc, out, limit_s=1800)
             proc.join(60)
             rows.append(
-                {"model": model, "p": p, "step_s": per_step, "peak_rss_mb": rss,
+                {"model": model, "p": p, "chunk_kib": chunk_bytes >> 10, "step_s": per_step,
+                 "peak_rss_mb": rss,
                  "peak_gpu_mb": gpu, "pushes": pushes}
             )  # fmt: skip
     finally:
@@ -164,14 +176,17 @@ def main() -> None:
         "--switch-interval", type=float, default=0.0,
         help="sys.setswitchinterval of the trainer, seconds (0: Python's default, 0.005)",
     )  # fmt: skip
+    parser.add_argument("--chunks-kib", default="1024", help="sender chunk sizes to try, KiB")
     parser.add_argument("--json", default="bench/results/overhead.json")
     args = parser.parse_args()
+    args.chunk_sizes = [int(k) << 10 for k in args.chunks_kib.split(",")]
     rows = [r for m in args.models.split(",") for r in run(m, args)]
-    print(f"{'model':>9} {'p':>5} {'step ms':>8} {'slowdown':>9} {'pushes':>7} "
+    print(f"{'model':>9} {'p':>5} {'chunk':>9} {'step ms':>8} {'slowdown':>9} {'pushes':>7} "
           f"{'peak RSS MB':>12} {'RSS ratio':>10} {'GPU MB':>7}")  # fmt: skip
     for r in rows:
         print(
-            f"{r['model']:>9} {r['p']:>5} {r['step_s'] * 1e3:>8.3f} {r['slowdown']:>8.3f}x "
+            f"{r['model']:>9} {r['p']:>5} {r['chunk_kib']:>5} KiB {r['step_s'] * 1e3:>8.3f} "
+            f"{r['slowdown']:>8.3f}x "
             f"{r['pushes']:>7} {r['peak_rss_mb']:>12.0f} {r['rss_ratio']:>9.2f}x "
             f"{r['peak_gpu_mb']:>7.0f}"
         )

@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     gossip.add_argument("--p", type=float, default=node.p, help="push probability per step")
     gossip.add_argument("--inbox-size", type=int, default=node.inbox_size)
     gossip.add_argument("--send-buffers", type=int, default=node.send_buffers)
+    gossip.add_argument(
+        "--chunk-kib", type=int, default=node.chunk_bytes >> 10,
+        help="KiB of state per streamed chunk (4 .. 4096)",
+    )  # fmt: skip
     gossip.add_argument("--push-timeout", type=float, default=node.push_timeout_s, help="seconds")
     gossip.add_argument(
         "--wait-for-peers", type=int, default=train.wait_for_peers, help="wait for N live peers"
@@ -118,6 +122,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[NodeConfig, TrainConfig
         "seed": args.seed,
         "inbox_size": args.inbox_size,
         "send_buffers": args.send_buffers,
+        "chunk_bytes": args.chunk_kib << 10,
         "push_timeout_s": args.push_timeout,
         "token_file": args.token_file,
         "tls_cert": args.tls_cert,

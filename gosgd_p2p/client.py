@@ -14,7 +14,7 @@ import grpc
 
 from gosgd_p2p.security import Credentials
 from gosgd_p2p.v1 import gossip_pb2 as pb
-from gosgd_p2p.wire import Chunk, decode_chunk, grpc_options, split_for_streaming
+from gosgd_p2p.wire import CHUNK_BYTES, Chunk, decode_chunk, grpc_options, split_for_streaming
 
 __all__ = ["PeerClient", "PushFailed"]
 
@@ -96,13 +96,19 @@ class PeerClient:
             return channel
 
     def push(
-        self, address: str, header: pb.StateHeader, payload: memoryview, timeout: float
+        self,
+        address: str,
+        header: pb.StateHeader,
+        payload: memoryview,
+        timeout: float,
+        chunk_bytes: int = CHUNK_BYTES,
     ) -> pb.PushAck:
         """Stream one message to `address` and return its ack; raise PushFailed otherwise.
 
         `payload` must stay unchanged until this returns.
         """
-        return self.push_chunks(address, split_for_streaming(header, payload), timeout)
+        chunks = split_for_streaming(header, payload, chunk_bytes)
+        return self.push_chunks(address, chunks, timeout)
 
     def push_chunks(self, address: str, chunks: Iterator[bytes], timeout: float) -> pb.PushAck:
         """Stream already-encoded chunks as one PushState call; raise PushFailed on failure."""

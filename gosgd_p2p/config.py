@@ -10,6 +10,8 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from gosgd_p2p.wire import CHUNK_BYTES, MAX_CHUNK_BYTES
+
 __all__ = [
     "NodeConfig",
     "TrainConfig",
@@ -76,6 +78,7 @@ class NodeConfig:
     quiet_s: float = 0.5  # ... ending early once no push or ResolvePush came for this long
     server_workers: int = 16  # gRPC server threads (concurrent incoming calls)
     tune_malloc: bool = True  # keep glibc from unmapping each received chunk (gosgd_p2p.malloc)
+    chunk_bytes: int = CHUNK_BYTES  # payload bytes per streamed chunk, 4 KiB .. 4 MiB
     token_file: str | None = None  # file holding the cluster secret; None: no token
     tls_cert: str | None = None  # this node's certificate (PEM); with tls_key, tls_ca: mTLS
     tls_key: str | None = None  # its private key (PEM)
@@ -96,6 +99,8 @@ class NodeConfig:
         for name in ("inbox_size", "send_buffers", "max_failures", "server_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if not 4096 <= self.chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be in [4096, {MAX_CHUNK_BYTES}]")
         if self.discovery_wait_s < 0:
             raise ValueError("discovery_wait_s must be >= 0")
         for name in (

@@ -24,7 +24,7 @@ import grpc
 from gosgd_p2p.client import PeerClient, PushFailed
 from gosgd_p2p.security import Credentials
 from gosgd_p2p.v1 import gossip_pb2 as pb
-from gosgd_p2p.wire import split_for_streaming
+from gosgd_p2p.wire import CHUNK_BYTES, split_for_streaming
 
 __all__ = ["FaultPlan", "FaultyClient"]
 
@@ -75,7 +75,12 @@ class FaultyClient(PeerClient):
         return "none", u
 
     def push(
-        self, address: str, header: pb.StateHeader, payload: memoryview, timeout: float
+        self,
+        address: str,
+        header: pb.StateHeader,
+        payload: memoryview,
+        timeout: float,
+        chunk_bytes: int = CHUNK_BYTES,
     ) -> pb.PushAck:
         kind, u = self._draw()
         if kind == "drop":
@@ -83,10 +88,10 @@ class FaultyClient(PeerClient):
         if kind == "delay":
             time.sleep(self.plan.delay_s)  # a slow link, on a sender thread
         if kind == "cut":
-            chunks = list(split_for_streaming(header, payload))
+            chunks = list(split_for_streaming(header, payload, chunk_bytes))
             keep = 1 + int(u * (len(chunks) - 1))  # the header and maybe some data, never all
             self._cut(address, chunks[:keep], timeout)
-        ack = super().push(address, header, payload, timeout)
+        ack = super().push(address, header, payload, timeout, chunk_bytes)
         if kind == "lost_ack":
             with self._lock:
                 self.injected["ack_lost_after_delivery"] += 1

@@ -573,7 +573,9 @@ class GossipNode:
         cut connection, a deadline): then the receiver alone knows, and `_resolve` asks it.
         """
         try:
-            ack = self._client.push(address, header, payload, self.config.push_timeout_s)
+            ack = self._client.push(
+                address, header, payload, self.config.push_timeout_s, self.config.chunk_bytes
+            )
         except PushFailed as err:
             self._push_failed(address, err)
             if not err.maybe_delivered:
@@ -737,7 +739,9 @@ class GossipNode:
         done = False
         try:
             msg.ready()
-            yield from split_for_streaming(self._header(msg.weight), _byte_view(msg.payload))
+            header = self._header(msg.weight)
+            payload = _byte_view(msg.payload)
+            yield from split_for_streaming(header, payload, self.config.chunk_bytes)
             done = True
         finally:
             if done:

@@ -1,6 +1,7 @@
 """State messages on the wire: chunking and reassembly as pure functions, and the size limits.
 
-A message is a header chunk, then data chunks of at most CHUNK_BYTES, the last one carrying the
+A message is a header chunk, then data chunks of at most MAX_CHUNK_BYTES (senders choose their
+size, CHUNK_BYTES by default), the last one carrying the
 CRC-32 of the payload (protos/gosgd_p2p/v1/gossip.proto). Data chunks are encoded and decoded
 here by hand, byte-compatible with protobuf's StateChunk: building a protobuf message copies
 its `bytes` field on construction, serialization and parsing, and on a 1 MiB chunk those copies
@@ -23,6 +24,7 @@ except ImportError:  # pragma: no cover - a platform without an isal wheel
 
 __all__ = [
     "CHUNK_BYTES",
+    "MAX_CHUNK_BYTES",
     "MAX_GRPC_MESSAGE_BYTES",
     "MAX_WEIGHT",
     "PROTOCOL_VERSION",
@@ -38,10 +40,12 @@ __all__ = [
 
 #: Wire protocol version spoken by this code (protos/gosgd_p2p/v1).
 PROTOCOL_VERSION = 1
-#: Payload bytes per data chunk: 1 MiB beat 64 KiB (fixed ~70 us per message) and 4 MiB (cache).
+#: Payload bytes per data chunk a sender uses unless configured (NodeConfig.chunk_bytes).
 CHUNK_BYTES = 1 << 20
+#: Largest data chunk a receiver accepts, whatever the sender chose.
+MAX_CHUNK_BYTES = 4 << 20
 #: Largest gRPC message either end accepts: one chunk plus its framing and a header.
-MAX_GRPC_MESSAGE_BYTES = CHUNK_BYTES + (64 << 10)
+MAX_GRPC_MESSAGE_BYTES = MAX_CHUNK_BYTES + (64 << 10)
 #: Largest weight a message may carry. Founders start at 1.0 and weights only halve or add,
 #: so a legitimate weight never comes near this; a huge one would swamp every model it meets.
 MAX_WEIGHT = 1e6
@@ -261,7 +265,7 @@ def assemble(
     header: pb.StateHeader,
     chunks: Iterable[Chunk],
     out: memoryview,
-    max_chunk_bytes: int = CHUNK_BYTES,
+    max_chunk_bytes: int = MAX_CHUNK_BYTES,
 ) -> None:
     """Write the data chunks that follow `header` into `out` (payload_bytes long), checking them.
 

@@ -14,7 +14,7 @@ from gosgd_p2p import GossipNode, NodeConfig, checkpoint, cluster_seed
 from gosgd_p2p.client import PeerClient
 from gosgd_p2p.models import build_model
 from gosgd_p2p.v1 import gossip_pb2 as pb
-from gosgd_p2p.wire import Chunk, split_for_streaming
+from gosgd_p2p.wire import CHUNK_BYTES, Chunk, split_for_streaming
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -73,9 +73,9 @@ class _HeldClient(PeerClient):
         super().__init__()
         self.mid_stream, self.resume = threading.Event(), threading.Event()
 
-    def push(self, address, header, payload, timeout):  # noqa: ANN001, ANN201
+    def push(self, address, header, payload, timeout, chunk_bytes=CHUNK_BYTES):  # noqa: ANN001, ANN201
         def held() -> Iterator[bytes]:
-            for i, raw in enumerate(split_for_streaming(header, payload)):
+            for i, raw in enumerate(split_for_streaming(header, payload, chunk_bytes)):
                 if i == 3:
                     self.mid_stream.set()
                     self.resume.wait(60)

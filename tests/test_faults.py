@@ -17,6 +17,7 @@ from gosgd_p2p.client import PeerClient, PushFailed
 from gosgd_p2p.data import BatchSampler, evaluate, load_dataset
 from gosgd_p2p.faults import FaultPlan, FaultyClient
 from gosgd_p2p.models import build_model
+from gosgd_p2p.wire import CHUNK_BYTES
 
 
 def cfg(node_id: str, **kw) -> NodeConfig:
@@ -155,8 +156,8 @@ def test_a_cut_stream_is_returned_without_asking_the_receiver() -> None:
 class _Partitioned(PeerClient):
     """Delivers pushes but loses the acks, and cannot reach anyone to resolve them."""
 
-    def push(self, address, header, payload, timeout):  # noqa: ANN001, ANN201
-        super().push(address, header, payload, timeout)
+    def push(self, address, header, payload, timeout, chunk_bytes=CHUNK_BYTES):  # noqa: ANN001, ANN201
+        super().push(address, header, payload, timeout, chunk_bytes)
         raise PushFailed(grpc.StatusCode.UNAVAILABLE, "ack lost", True)
 
     def resolve(self, address, sender_id, message_id, timeout):  # noqa: ANN001, ANN201

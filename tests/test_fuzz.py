@@ -30,7 +30,7 @@ from gosgd_p2p import GossipNode, NodeConfig
 from gosgd_p2p.security import TOKEN_METADATA_KEY
 from gosgd_p2p.v1 import gossip_pb2 as pb
 from gosgd_p2p.wire import (
-    CHUNK_BYTES,
+    MAX_CHUNK_BYTES,
     MAX_GRPC_MESSAGE_BYTES,
     MAX_NAME_BYTES,
     MAX_WEIGHT,
@@ -371,7 +371,7 @@ class Fuzzer:
         # larger than a chunk may be, yet within gRPC's message limit: the node's own check
         chunks = self.valid(h)
         i = self.rng.randrange(1, len(chunks))
-        big = CHUNK_BYTES + self.rng.randint(1, 32 << 10)
+        big = MAX_CHUNK_BYTES + self.rng.randint(1, 32 << 10)
         chunks[i] = replace(chunks[i], data=bytes(big))
         return self.case(chunks, EXHAUSTED, counter="chunk_size")
 

@@ -3,7 +3,8 @@
 These need a CUDA device; CI has none, so they run on the GPU host through
 `bench/gpu_run.sh` (results in docs/benchmarks.md). `torch.cuda._sleep` keeps the training
 stream busy for a known while, so "the training thread did not wait" is a checkable fact: the
-stream is still busy when the call returns.
+stream is still busy when the call returns. Each test first runs the path once: the first call
+allocates the device buffers, and a cudaMalloc may wait for the device.
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ def resnet() -> tuple[torch.nn.Module, StateLayout, list[torch.Tensor]]:
 def test_snapshot_does_not_wait_and_captures_the_state_when_taken() -> None:
     _, layout, tensors = resnet()
     staging = Staging(layout, tensors)
-    expected = torch.cat([t.reshape(-1) for t in tensors]).cpu()
     host = torch.full((layout.numel,), float("nan")).pin_memory()
+    staging.snapshot(host)()  # warm-up
+    host.fill_(float("nan"))
+    expected = torch.cat([t.reshape(-1) for t in tensors]).cpu()
     training = torch.cuda.current_stream()
     torch.cuda._sleep(BUSY_CYCLES)
     wait = staging.snapshot(host)
@@ -61,6 +64,9 @@ def test_device_merge_matches_the_cpu_and_frees_the_host_buffer_after_the_copy()
     staging = Staging(layout, gpu)
     host = torch.empty(layout.numel).pin_memory()
     layout.flatten_into(xs, host)
+    staging.load(host)  # warm-up
+    staging.release_after(lambda _: None, host)
+    staging.flush()
     released: list[torch.Tensor] = []
     torch.cuda._sleep(BUSY_CYCLES)
     weight = algorithm.merge_(gpu, 1.0, layout.views(staging.load(host)), 0.5)

@@ -245,3 +245,25 @@ def test_a_node_restarted_under_the_same_id_is_not_taken_for_a_duplicate() -> No
             assert a.counters.get("pushes_received") == 3 * (life + 1)
         assert a.counters.get("pushes_duplicate") == 0
         assert a.finish() == 1.0 + 2 * (1.0 - 0.5**3)
+
+
+def test_senders_choose_their_chunk_size_and_receivers_take_any() -> None:
+    """4 KiB chunks one way, 4 MiB (one chunk for this model) the other: both merge exactly."""
+    ma, mb = make_model(width=600, seed=1), make_model(width=600, seed=2)
+    a = GossipNode(ma, cfg("a", p=0.0, chunk_bytes=4096))
+    b = GossipNode(mb, cfg("b", p=0.0, chunk_bytes=4 << 20, peers=[a.address]))
+    with a, b:
+        assert a.layout.nbytes > 4 * 4096  # several chunks from a, one from b
+        wait_until(lambda: a.peers.live() and b.peers.live(), 10, "peers to meet")
+        xa, xb = snapshot(a), snapshot(b)
+        a.step(push_to=b.address)
+        b.step(push_to=a.address)
+        wait_until(lambda: a.in_flight == b.in_flight == 0, 30, "pushes to settle")
+        a.step()
+        b.step()
+        assert a.stats()["merged_received"] == b.stats()["merged_received"] == 1
+        assert math.isclose(a.finish() + b.finish(), 2.0, rel_tol=0, abs_tol=1e-12)
+        for got, x0, xs in zip(a.state, xa, xb, strict=True):  # a: (xa/2 + xb/2) / 1
+            torch.testing.assert_close(got, (x0 + xs) / 2)
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        cfg("c", chunk_bytes=8 << 20)
