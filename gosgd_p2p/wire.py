@@ -11,9 +11,13 @@ and the bytes, so one join writes a chunk and a memoryview reads it.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import platform
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+
+import numpy as np
 
 from gosgd_p2p.v1 import gossip_pb2 as pb
 
@@ -138,7 +142,40 @@ def encode_chunk(chunk: Chunk) -> bytes:
         parts += [bytes([_TAG_DATA]), _varint(len(chunk.data)), chunk.data]
     if chunk.crc32 is not None:
         parts += [bytes([_TAG_CRC]), _varint(chunk.crc32)]
-    return b"".join(parts)
+    return _join(parts)
+
+
+#: Chunks at least this large are assembled with the GIL released (see _join).
+_UNLOCKED_JOIN_BYTES = 64 << 10
+
+if platform.python_implementation() == "CPython":
+    _new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+    _new_bytes.restype = ctypes.py_object
+    _new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+    _bytes_address = ctypes.pythonapi.PyBytes_AsString
+    _bytes_address.restype = ctypes.c_void_p
+    _bytes_address.argtypes = (ctypes.py_object,)
+
+
+def _join(parts: list[bytes | memoryview]) -> bytes:
+    """b"".join(parts), with the copy of a large chunk made outside the GIL.
+
+    A sender thread copying 1 MiB under the GIL holds up the training thread for that long,
+    some 40 times per push of a ResNet-18 state. On CPython the bytes object is created
+    uninitialised and filled by ctypes.memmove, which releases the GIL, before anyone else sees
+    it (the C API's contract for PyBytes_FromStringAndSize(NULL, n)).
+    """
+    total = sum(len(part) for part in parts)
+    if total < _UNLOCKED_JOIN_BYTES or platform.python_implementation() != "CPython":
+        return b"".join(parts)
+    out: bytes = _new_bytes(None, total)
+    at = _bytes_address(out)
+    for part in parts:
+        n = len(part)
+        source = part if isinstance(part, bytes) else np.frombuffer(part, np.uint8).ctypes.data
+        ctypes.memmove(at, source, n)
+        at += n
+    return out
 
 
 def decode_chunk(raw: bytes) -> Chunk:

@@ -97,6 +97,23 @@ def test_data_chunk_examples_encode_like_protobuf(offset: int, data: bytes, crc)
     )
 
 
+@pytest.mark.parametrize("size", [(64 << 10) - 1, 64 << 10, 1 << 20, (4 << 20) + 3])
+@pytest.mark.parametrize("source", ["bytes", "readonly_view", "tensor_view"])
+def test_large_chunks_assembled_outside_the_gil_encode_like_protobuf(size, source) -> None:
+    data = torch.randint(0, 256, (size,), dtype=torch.uint8, generator=torch.Generator())
+    raw = data.numpy().tobytes()
+    view = {
+        "bytes": raw,
+        "readonly_view": memoryview(raw),
+        "tensor_view": memoryview(data.numpy()),
+    }[source]
+    encoded = encode_chunk(Chunk(offset=1 << 20, data=view, crc32=zlib.crc32(raw)))
+    assert type(encoded) is bytes
+    assert encoded == _pb_chunk(offset=1 << 20, data=raw, crc32=zlib.crc32(raw))
+    data.zero_()  # the encoded chunk is a copy, not a view of the source
+    assert encoded == _pb_chunk(offset=1 << 20, data=raw, crc32=zlib.crc32(raw))
+
+
 @settings(max_examples=100, deadline=None)
 @given(header=headers)
 def test_header_chunks_encode_like_protobuf(header: pb.StateHeader) -> None:
