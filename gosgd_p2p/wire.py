@@ -145,10 +145,11 @@ def encode_chunk(chunk: Chunk) -> bytes:
     return _join(parts)
 
 
-#: Chunks at least this large are assembled with the GIL released (see _join).
-_UNLOCKED_JOIN_BYTES = 64 << 10
+#: Chunks at least this large are copied with the GIL released (see _join).
+_UNLOCKED_COPY_BYTES = 64 << 10
+_CPYTHON = platform.python_implementation() == "CPython"
 
-if platform.python_implementation() == "CPython":
+if _CPYTHON:
     _new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
     _new_bytes.restype = ctypes.py_object
     _new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
@@ -166,16 +167,33 @@ def _join(parts: list[bytes | memoryview]) -> bytes:
     it (the C API's contract for PyBytes_FromStringAndSize(NULL, n)).
     """
     total = sum(len(part) for part in parts)
-    if total < _UNLOCKED_JOIN_BYTES or platform.python_implementation() != "CPython":
+    if total < _UNLOCKED_COPY_BYTES or not _CPYTHON:
         return b"".join(parts)
     out: bytes = _new_bytes(None, total)
     at = _bytes_address(out)
     for part in parts:
-        n = len(part)
-        source = part if isinstance(part, bytes) else np.frombuffer(part, np.uint8).ctypes.data
-        ctypes.memmove(at, source, n)
-        at += n
+        ctypes.memmove(at, _address(part), len(part))
+        at += len(part)
     return out
+
+
+def _copy_into(out: memoryview, at: int, data: bytes | memoryview) -> None:
+    """out[at : at + len(data)] = data, a large copy made outside the GIL (see _join)."""
+    n = len(data)
+    if n < _UNLOCKED_COPY_BYTES or not _CPYTHON:
+        out[at : at + n] = data
+        return
+    if at < 0 or at + n > len(out) or out.readonly:
+        raise ValueError("copy out of the output buffer's bounds")
+    ctypes.memmove(_address(out) + at, _address(data), n)
+
+
+def _address(buf: bytes | memoryview) -> int:
+    """Address of the first byte of a contiguous buffer (kept alive by the caller)."""
+    if isinstance(buf, bytes):
+        return _bytes_address(buf)  # type: ignore[no-any-return]
+    address: int = np.frombuffer(buf, np.uint8).ctypes.data
+    return address
 
 
 def decode_chunk(raw: bytes) -> Chunk:
@@ -331,7 +349,7 @@ def assemble(
             )
         if received + n > total:
             raise Reject("invalid", "payload_size", "more payload bytes than the header declared")
-        out[received : received + n] = chunk.data
+        _copy_into(out, received, chunk.data)
         crc = crc32(chunk.data, crc)
         received += n
         final_crc = chunk.crc32
