@@ -39,6 +39,7 @@ def test_help_lists_every_flag_other_tools_drive() -> None:
         (["--listen", "nowhere"], "is not HOST:PORT"),
         (["--steps", "0"], "steps must be at least 1"),
         (["--steps", "ten"], "invalid int value"),
+        (["--chunk-kib", "8192"], "chunk_bytes must be in [4096, 4194304]"),
     ],
 )
 def test_bad_flags_give_one_line(args: list[str], needle: str) -> None:
@@ -57,8 +58,10 @@ def test_runtime_errors_are_one_line_too(tmp_path) -> None:
 
 def test_flags_map_onto_the_configs() -> None:
     args = build_parser().parse_args(
-        ["--peers", "10.0.0.1:5000, 10.0.0.2:5000", "--p", "0.25", "--shard", "1/4", "--lr", "0.1"]
-    )
+        ["--peers", "10.0.0.1:5000, 10.0.0.2:5000", "--p", "0.25", "--shard", "1/4", "--lr", "0.1",
+         "--chunk-kib", "256"]
+    )  # fmt: skip
     node, train = configs_from_args(args)
     assert node.peers == ["10.0.0.1:5000", "10.0.0.2:5000"]
     assert node.p == 0.25 and train.shard == "1/4" and train.lr == 0.1
+    assert node.chunk_bytes == 256 << 10
