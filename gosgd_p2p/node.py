@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 #: Most peers listed in one Hello (peer exchange spreads the rest over later rounds).
 HELLO_PEERS = 64
+#: Hello calls in flight at once in a membership round.
+HELLO_PARALLEL = 8
 #: Distinct (peer, reason) pairs remembered for log-once; beyond this, rejections are counted only.
 LOG_ONCE_LIMIT = 1024
 
@@ -147,6 +149,8 @@ class GossipNode:
         # `client` lets tests and benchmarks inject faults (gosgd_p2p.faults)
         self._client = client or PeerClient(credentials)
         self._sender = ThreadPoolExecutor(cfg.send_buffers, thread_name_prefix="gosgd-send")
+        #: Hello calls of a membership round run here in parallel (the survey, then membership).
+        self._hello_pool = ThreadPoolExecutor(HELLO_PARALLEL, thread_name_prefix="gosgd-hello")
         self._stop = threading.Event()
         self._meet = threading.Event()  # wakes the membership thread early
         self._rng_membership = random.Random(seed + 1)  # the training thread owns self._rng
@@ -819,8 +823,7 @@ class GossipNode:
         replies: dict[str, pb.HelloReply] = {}
         if not addresses:
             return replies
-        with ThreadPoolExecutor(min(8, len(addresses)), thread_name_prefix="gosgd-hello") as ex:
-            futures = {a: ex.submit(self._hello_one, a) for a in addresses}
+        futures = {a: self._hello_pool.submit(self._hello_one, a) for a in addresses}
         for address, fut in futures.items():
             reply = fut.result()
             if reply is not None:
@@ -919,6 +922,7 @@ class GossipNode:
         membership = getattr(self, "_membership", None)
         if membership is not None:
             membership.join()
+        self._hello_pool.shutdown(wait=True)
         self._server.stop(grace)
         self._sender.shutdown(wait=True)
         self._client.close()
