@@ -443,6 +443,7 @@ class GossipNode:
 
     def _merge(self, messages: list[Message]) -> None:
         for msg in messages:
+            msg.ready()  # returned snapshots were awaited by their sender; this makes it local
             incoming = self.layout.views(self._staging.load(msg.payload))
             if msg.returned:
                 self.counters.add("merged_returned")
