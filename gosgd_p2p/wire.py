@@ -1,12 +1,13 @@
 """State messages on the wire: chunking and reassembly as pure functions, and the size limits.
 
-A message is a header chunk, then data chunks of at most MAX_CHUNK_BYTES (senders choose their
-size, CHUNK_BYTES by default), the last one carrying the
-CRC-32 of the payload (protos/gosgd_p2p/v1/gossip.proto). Data chunks are encoded and decoded
-here by hand, byte-compatible with protobuf's StateChunk: building a protobuf message copies
-its `bytes` field on construction, serialization and parsing, and on a 1 MiB chunk those copies
-cost a large share of the throughput. The wire form of a bytes field is a tag, a varint length
-and the bytes, so one join writes a chunk and a memoryview reads it.
+A message is a header chunk, then data chunks of at most MAX_CHUNK_BYTES (each sender chooses
+its size, CHUNK_BYTES by default), the last one carrying the CRC-32 of the payload
+(protos/gosgd_p2p/v1/gossip.proto). Data chunks are encoded and decoded here by hand,
+byte-compatible with protobuf's StateChunk: building a protobuf message copies its `bytes` field
+on construction, serialization and parsing, and on a 1 MiB chunk those copies cost a large share
+of the throughput. The wire form of a bytes field is a tag, a varint length and the bytes, so
+one copy writes a chunk and a memoryview reads it. Large copies are made outside the GIL
+(_join, _copy_into), so that the sender and server threads do not stall the training thread.
 """
 
 from __future__ import annotations
