@@ -280,9 +280,13 @@ echo "== summary: ${#NODES[@]} containers (${COMPOSE[*]}), image $IMAGE from $ba
 printf '%-7s %-20s %-5s %-15s %-8s %-9s %-9s %s\n' \
     service node-id mdns peers accuracy weight health metrics
 weights=()
+founders=0
+LOG_DIR=${SMOKE_LOG_DIR:-$(mktemp -d /tmp/gosgd-smoke.XXXXXX)}
 for n in "${NODES[@]}"; do
     c=$(cid "$n")
     log=$(docker logs "$c" 2>&1)
+    printf '%s\n' "$log" >"$LOG_DIR/$n.log"
+    grep -q "(founder," <<<"$log" && founders=$((founders + 1))
     line=$(done_line "$c")
     acc=$(done_field "$line" accuracy)
     weight=$(done_field "$line" weight)
@@ -317,7 +321,9 @@ else
     [ "$found" -ge "${#NODES[@]}" ] || fail "the host saw $found mDNS services"
 fi
 total=$(printf '%s\n' "${weights[@]}" | awk '{ s += $1 } END { printf "%.6f", s }')
-echo "total weight $total (${#NODES[@]} founders: ${#NODES[@]})"
+echo "total weight $total ($founders founders, $((${#NODES[@]} - founders)) joined; logs in $LOG_DIR)"
+awk -v t="$total" -v f="$founders" 'BEGIN { exit !(t - f < 1e-6 && f - t < 1e-6) }' \
+    || fail "total weight $total is not the founders' $founders"
 echo "mDNS only, no seeds (2 more nodes, 100 steps): ${mdns_only[0]}; ${mdns_only[1]}"
 echo "elapsed $((SECONDS - started)) s"
 [ "$failures" = 0 ] || die "$failures check(s) failed"

@@ -248,6 +248,8 @@ class GossipNode:
             self._finished = True
             self.inbox.close()
             self._server.set_serving(False)
+            if self._discovery is not None:
+                self._discovery.close()  # mDNS goodbye: peers stop finding a node that drains
             self._refuse_donations()
             deadline = time.monotonic() + self.config.drain_timeout_s
             with self._inflight_cv:
@@ -709,7 +711,9 @@ class GossipNode:
         if header.sender_address:
             try:
                 parse_address(header.sender_address)
-                self.peers.observe(header.sender_address, header.sender_id)
+                # adds a sender we did not know; never revives one that said it is draining
+                # (a finishing node's last pushes arrive after it said so)
+                self.peers.observe(header.sender_address, header.sender_id, seen=False)
             except ValueError:
                 pass
         if not committed:
@@ -762,8 +766,9 @@ class GossipNode:
         if not self._peers_ready.wait(self.config.rpc_timeout_s):
             raise Reject("precondition", "starting", "node is starting")
         if request.cluster == self.config.cluster and request.protocol_version == PROTOCOL_VERSION:
-            self._learn(request.self, request.peers)
-            self._meet_soon(request.self.address)
+            self._learn(request.self, request.peers, draining=request.draining)
+            if not request.draining:
+                self._meet_soon(request.self.address)
         return pb.HelloReply(
             self=pb.PeerInfo(node_id=self.config.node_id, address=self.address),
             cluster=self.config.cluster,
@@ -806,12 +811,12 @@ class GossipNode:
         live = self.peers.live()[:HELLO_PEERS]
         return [pb.PeerInfo(node_id=p.node_id or "", address=p.address) for p in live]
 
-    def _learn(self, who: pb.PeerInfo, peers: Any) -> None:
+    def _learn(self, who: pb.PeerInfo, peers: Any, *, draining: bool = False) -> None:
         try:
             parse_address(who.address)
         except ValueError:
             return
-        self.peers.observe(who.address, who.node_id or None)
+        self.peers.observe(who.address, who.node_id or None, draining=draining)
         for info in peers:
             try:
                 parse_address(info.address)
@@ -849,6 +854,7 @@ class GossipNode:
             cluster=self.config.cluster,
             protocol_version=PROTOCOL_VERSION,
             peers=self._peer_infos(),
+            draining=self._finished,
         )
         try:
             reply = self._client.hello(address, request, self.config.rpc_timeout_s)
@@ -875,10 +881,10 @@ class GossipNode:
             else:
                 canonical = advertised
                 self.peers.remove(address)
-        self.peers.observe(canonical, reply.self.node_id or None, confirmed=True)
-        self._learn(pb.PeerInfo(node_id=reply.self.node_id, address=canonical), reply.peers)
-        if not reply.accepting:
-            self.peers.mark_left(canonical)
+        draining = not reply.accepting
+        self.peers.observe(canonical, reply.self.node_id or None, confirmed=True, draining=draining)
+        who = pb.PeerInfo(node_id=reply.self.node_id, address=canonical)
+        self._learn(who, reply.peers, draining=draining)
         return reply
 
     def _membership_loop(self) -> None:

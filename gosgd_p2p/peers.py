@@ -65,14 +65,23 @@ class PeerTable:
             return gone
 
     def observe(
-        self, address: str, node_id: str | None, *, seen: bool = True, confirmed: bool = False
+        self,
+        address: str,
+        node_id: str | None,
+        *,
+        seen: bool = True,
+        confirmed: bool = False,
+        draining: bool = False,
     ) -> None:
         """A source reports `address` (and its node id when known): add it or bring it back.
 
         `seen`: the source saw the peer alive just now (a call from it, mDNS, our own Hello),
         which revives a suspended or left peer; peer-exchange hearsay passes False and only adds
-        unknown addresses. `confirmed`: our own call to it succeeded.
+        unknown addresses. `confirmed`: our own call to it succeeded. `draining`: the peer is
+        alive but takes no pushes (finished, or not yet started): recorded as left, in the same
+        step, so that no push can choose it in between.
         """
+        status = "left" if draining else "live"
         if address == self.self_address or (node_id is not None and node_id == self.self_id):
             return
         with self._changed:
@@ -86,12 +95,12 @@ class PeerTable:
             if existing is None:
                 if len(self._rows) >= self.max_peers:
                     return
-                self._rows[address] = Peer(address, node_id, "live", now, 0, confirmed)
+                self._rows[address] = Peer(address, node_id, status, now, 0, confirmed)
             elif seen:
                 self._rows[address] = replace(
                     existing,
                     node_id=node_id or existing.node_id,
-                    status="live",
+                    status=status,
                     last_seen=now,
                     failures=0,
                     confirmed=existing.confirmed or confirmed,

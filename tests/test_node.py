@@ -140,6 +140,25 @@ def test_a_finished_node_refuses_pushes_and_is_marked_left() -> None:
         assert a.counters.get("rejected_draining") >= 1
 
 
+def test_a_finished_node_stays_left_while_it_lingers() -> None:
+    """Its own Hellos and its last pushes must not make peers choose it again: a push that met
+    its server shutting down would be unresolvable, and written off (found by deploy/smoke.sh:
+    4 founders ended with 3.596416)."""
+    a = GossipNode(make_model(), cfg("a", p=0.0))
+    b = GossipNode(make_model(), cfg("b", p=0.0, peers=[a.address]))
+    with a, b:
+        wait_until(lambda: a.peers.live() and b.peers.live(), 10, "peers to meet")
+        b.step(push_to=a.address)  # in flight as b finishes
+        b.finish()
+        a._hello_one(b.address)  # a's membership round: b is not accepting
+        assert a.peers.get(b.address).status == "left"
+        b._hello_one(a.address)  # b's membership round while it lingers
+        a.step()  # merges b's last push, whose header names b's address
+        assert a.stats()["merged_received"] == 1
+        assert a.peers.get(b.address).status == "left" and a.peers.live() == []
+        assert math.isclose(a.finish() + b.weight, 2.0, rel_tol=0, abs_tol=1e-12)
+
+
 def test_duplicate_delivery_is_applied_once() -> None:
     a = GossipNode(make_model(), cfg("a", p=0.0))
     client = PeerClient()
