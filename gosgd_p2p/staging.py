@@ -108,6 +108,8 @@ class Staging:
 
     def flush(self) -> None:
         """Wait for every queued copy and release every host buffer."""
+        if self._out_free is not None:
+            self._out_free.synchronize()  # the last snapshot's copy-out
         while self._pending:
             done, release, host = self._pending.popleft()
             done.synchronize()
