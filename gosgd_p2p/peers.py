@@ -86,10 +86,13 @@ class PeerTable:
             return
         with self._changed:
             if node_id is not None:
-                # A node that moved to a new address leaves its old row behind.
-                for addr, row in list(self._rows.items()):
-                    if row.node_id == node_id and addr != address:
-                        del self._rows[addr]
+                rows = self._rows.items()
+                elsewhere = [a for a, r in rows if r.node_id == node_id and a != address]
+                if elsewhere and not seen:
+                    return  # hearsay of a node we know under another address (an alias)
+                # A node seen at a new address leaves its old row behind.
+                for addr in elsewhere:
+                    del self._rows[addr]
             existing = self._rows.get(address)
             now = time.monotonic()
             if existing is None:

@@ -48,6 +48,19 @@ def test_observe_learns_the_node_id_of_a_seed() -> None:
     assert table.get("b:1").node_id == "node-b"
 
 
+def test_hearsay_of_an_alias_does_not_displace_a_known_node() -> None:
+    """Peer exchange may name a node by its seed host name while we know it by the address it
+    advertises: one row, under the known address; only a first-hand sighting moves it."""
+    table = _table()
+    table.observe("10.0.0.3:7070", "node-c", confirmed=True)
+    table.observe("node-c:7070", "node-c", seen=False)  # a peer's Hello lists the alias
+    (peer,) = table.all()
+    assert (peer.address, peer.confirmed) == ("10.0.0.3:7070", True)
+    table.observe("10.0.0.9:7070", "node-c")  # restarted elsewhere, and seen there
+    (peer,) = table.all()
+    assert peer.address == "10.0.0.9:7070"
+
+
 def test_self_is_never_a_peer() -> None:
     table = _table()
     table.add_seed(SELF_ADDR)
