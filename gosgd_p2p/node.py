@@ -808,8 +808,11 @@ class GossipNode:
             self._meet.set()
 
     def _peer_infos(self) -> list[pb.PeerInfo]:
-        live = self.peers.live()[:HELLO_PEERS]
-        return [pb.PeerInfo(node_id=p.node_id or "", address=p.address) for p in live]
+        """The live peers we have talked to ourselves, under the addresses they advertise: a
+        seed not yet met may be an alias (a host name) of one of them, and hearsay of it would
+        add a second row for that node in every table it reaches."""
+        met = [p for p in self.peers.live() if p.confirmed][:HELLO_PEERS]
+        return [pb.PeerInfo(node_id=p.node_id or "", address=p.address) for p in met]
 
     def _learn(self, who: pb.PeerInfo, peers: Any, *, draining: bool = False) -> None:
         try:
