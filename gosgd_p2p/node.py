@@ -815,11 +815,16 @@ class GossipNode:
         return [pb.PeerInfo(node_id=p.node_id or "", address=p.address) for p in met]
 
     def _learn(self, who: pb.PeerInfo, peers: Any, *, draining: bool = False) -> None:
+        """A caller's Hello: the caller, seen just now, and the peers it lists."""
         try:
             parse_address(who.address)
         except ValueError:
             return
         self.peers.observe(who.address, who.node_id or None, draining=draining)
+        self._hearsay(peers)
+
+    def _hearsay(self, peers: Any) -> None:
+        """Peers another node lists: added when unknown, never revived by this alone."""
         for info in peers:
             try:
                 parse_address(info.address)
@@ -886,8 +891,7 @@ class GossipNode:
                 self.peers.remove(address)
         draining = not reply.accepting
         self.peers.observe(canonical, reply.self.node_id or None, confirmed=True, draining=draining)
-        who = pb.PeerInfo(node_id=reply.self.node_id, address=canonical)
-        self._learn(who, reply.peers, draining=draining)
+        self._hearsay(reply.peers)
         return reply
 
     def _membership_loop(self) -> None:
