@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from report import write_json  # bench/report.py, beside this script
+from sink import release_unmerged  # bench/sink.py
 
 from gosgd_p2p.wire import CHUNK_BYTES
 
@@ -40,8 +41,6 @@ def _model(name: str, device: str) -> torch.nn.Module:
 
 def sink(model_name: str, ready: Any, stop: Any) -> None:
     """A peer that acknowledges every push and drops it."""
-    import threading
-
     from gosgd_p2p import GossipNode, NodeConfig
 
     torch.set_num_threads(1)
@@ -50,13 +49,7 @@ def sink(model_name: str, ready: Any, stop: Any) -> None:
         NodeConfig(node_id="sink", cluster=CLUSTER, p=0.0, mdns=False, inbox_size=8),
     )
 
-    def drain() -> None:
-        while not stop.is_set():
-            for msg in node.inbox.drain():
-                msg.release(msg.payload)
-            time.sleep(0.001)
-
-    threading.Thread(target=drain, daemon=True).start()
+    release_unmerged(node, stop, every_s=0.001)
     ready.put(node.address)
     stop.wait()
     node.close()

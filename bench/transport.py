@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from report import write_json  # bench/report.py, beside this script
+from sink import release_unmerged  # bench/sink.py
 
 
 class Flat(torch.nn.Module):
@@ -49,13 +50,7 @@ def receiver(nbytes: int, ready: Any, stop: Any) -> None:
         Flat(nbytes), NodeConfig(node_id="rx", cluster="bench", p=0.0, mdns=False, inbox_size=2)
     )
 
-    def drain() -> None:  # release receive buffers without merging
-        while not stop.is_set():
-            for msg in node.inbox.drain():
-                msg.release(msg.payload)
-            time.sleep(0.0005)
-
-    threading.Thread(target=drain, daemon=True).start()
+    release_unmerged(node, stop, every_s=0.0005)
     sink = socket.create_server(("127.0.0.1", 0))
     buf = bytearray(nbytes)
 
@@ -97,7 +92,7 @@ def receiver(nbytes: int, ready: Any, stop: Any) -> None:
     node.close()
 
 
-def _median_s(fn: Any, repeats: int) -> list[float]:
+def _times_s(fn: Any, repeats: int) -> list[float]:
     """Wall seconds of `repeats` calls of fn(), after one warm-up call."""
     fn()
     times = []
@@ -134,12 +129,12 @@ def measure(nbytes: int, chunk_sizes: list[int], repeats: int) -> dict[str, Any]
                 conn.sendall(view)
                 assert conn.recv(1) == b"k"
 
-            raw_s = _median_s(raw, repeats)
+            raw_s = _times_s(raw, repeats)
 
         channel = grpc.insecure_channel(f"127.0.0.1:{bare_port}", options=grpc_options())
         sink = channel.stream_unary("/bench/Sink")
         messages = [bytes(view[i : i + (1 << 20)]) for i in range(0, nbytes, 1 << 20)]
-        bare_s = _median_s(lambda: sink(iter(messages), timeout=120), repeats)
+        bare_s = _times_s(lambda: sink(iter(messages), timeout=120), repeats)
         channel.close()
 
         client = PeerClient()
@@ -153,7 +148,7 @@ def measure(nbytes: int, chunk_sizes: list[int], repeats: int) -> dict[str, Any]
             )  # fmt: skip
             client.push(address, header, view, timeout=120, chunk_bytes=chunk_bytes)
 
-        push_s = {c: _median_s(lambda c=c: push(c), repeats) for c in chunk_sizes}
+        push_s = {c: _times_s(lambda c=c: push(c), repeats) for c in chunk_sizes}
         client.close()
     finally:
         stop.set()
