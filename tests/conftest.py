@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import torch
 
+from gosgd_p2p import NodeConfig
+
 # Several nodes share two cores in these tests: one torch thread each avoids oversubscription.
 torch.set_num_threads(1)
 
@@ -29,6 +31,15 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
             pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(delay)  # back-off between polls of a condition, not a synchronisation sleep
         delay = min(delay * 2, 0.1)
+
+
+def node_config(node_id: str, cluster: str, **kw: Any) -> NodeConfig:
+    """A NodeConfig for in-process test nodes: quick membership rounds, a bounded drain, and no
+    mDNS (mDNS only inside network namespaces: test_discovery.py)."""
+    kw.setdefault("hello_interval_s", 0.2)
+    kw.setdefault("drain_timeout_s", 30.0)
+    kw.setdefault("mdns", False)
+    return NodeConfig(node_id=node_id, cluster=cluster, **kw)
 
 
 class NodeProcess:

@@ -9,7 +9,7 @@ import threading
 import grpc
 import pytest
 import torch
-from conftest import wait_until
+from conftest import node_config, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gosgd_p2p import GossipNode, NodeConfig, cluster_seed, consensus
@@ -28,11 +28,7 @@ def make_model(width: int = 16, seed: int = 0) -> torch.nn.Module:
 
 
 def cfg(node_id: str, **kw) -> NodeConfig:
-    kw.setdefault("cluster", "unit")
-    kw.setdefault("hello_interval_s", 0.2)
-    kw.setdefault("drain_timeout_s", 30.0)
-    kw.setdefault("mdns", False)  # mDNS only inside network namespaces (test_discovery.py)
-    return NodeConfig(node_id=node_id, **kw)
+    return node_config(node_id, kw.pop("cluster", "unit"), **kw)
 
 
 def local_steps(model: torch.nn.Module, node: GossipNode, steps: int, seed: int) -> None:

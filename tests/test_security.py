@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from conftest import wait_until
+from conftest import node_config, wait_until
 from cryptography import x509
 from cryptography.x509 import verification
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -40,11 +40,7 @@ def make_model() -> torch.nn.Module:
 
 
 def cfg(node_id: str, **kw) -> NodeConfig:
-    kw.setdefault("cluster", "sec")
-    kw.setdefault("hello_interval_s", 0.2)
-    kw.setdefault("drain_timeout_s", 30.0)
-    kw.setdefault("mdns", False)  # mDNS only inside network namespaces (test_discovery.py)
-    return NodeConfig(node_id=node_id, **kw)
+    return node_config(node_id, kw.pop("cluster", "sec"), **kw)
 
 
 def snapshot(node: GossipNode) -> list[torch.Tensor]:
