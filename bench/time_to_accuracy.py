@@ -3,7 +3,7 @@ gossip nodes against 4-process DistributedDataParallel and one process of plain 
 
     python bench/time_to_accuracy.py [--model mlp|cnn] [--target 0.95] [--p 0.1]
         [--max-steps 2000] [--eval-every 10] [--timeout-s 300] [--device cpu|cuda]
-        [--json bench/results/time_to_accuracy.json] [--no-netns]
+        [--repeats 1] [--json bench/results/time_to_accuracy.json] [--no-netns]
 
 The systems, run one after the other, train the same model from the same initial weights
 (`cluster_seed`), with the same per-worker batch size, learning rate and momentum:
@@ -18,11 +18,13 @@ is full: a short epoch tail is skipped, the same way in every worker).
 The rule. The clock starts when every worker of the system is ready (data loaded, model built,
 peers confirmed or process group up). Every worker evaluates its own model on the whole test
 set every --eval-every steps. The target is reached at the first step k at which the mean test
-accuracy of the workers' models at step k is >= --target (DDP's models are identical, sgd has
-one). Wall time to target is when the slowest worker finished step k, less the time that
+accuracy of the workers' models at step k is >= --target (DDP's models agree to rounding: the
+ranks' all-reduce results may differ in the last bits, and so, rarely, may an accuracy; sgd
+has one). Wall time to target is when the slowest worker finished step k, less the time that
 worker spent evaluating (reported apart). Gossip nodes stop at their next evaluation once the
-target is reached (the parent sees all four), DDP ranks agree to stop by an all-reduce of a
-stop vote, and every worker stops by itself at --max-steps or after --timeout-s.
+target is reached (the parent sees all four), DDP ranks all-reduce their accuracies and stop
+when the same mean reaches the target, and every worker stops by itself at --max-steps or
+after --timeout-s.
 
 Bytes on the wire. The benchmark runs in a private network namespace: it re-executes itself
 under `unshare --net --mount` (root), brings its loopback up, and nothing but its own
@@ -34,6 +36,14 @@ so rx equals tx; both are recorded. Bytes to target run from the start of traini
 evaluation at step k (each worker reads the counter there; the largest reading counts); setup
 (rendezvous, DDP's initial broadcast, the gossip nodes' first Hellos) and the whole run are
 reported apart. With --no-netns the host's loopback is read instead, other traffic included.
+
+Repeats. One run of a system is one draw: gossip's message schedule depends on timing, and
+every system on its initial model and data order. `--repeats N` runs every system N times;
+repeat r > 0 seeds the initial model, the data order and the gossip draws from its own names
+(repeat 0 is the single run's seeds), the systems of one repeat share them, and each ratio is
+against the DDP run of the same repeat. The JSON has every run (`systems`, each row with its
+`repeat`) and, per system, the median, min and max over the repeats that reached the target
+(`summary`).
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ import queue
 import shlex
 import shutil
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -184,6 +195,13 @@ class Job:
     target: float  # test accuracy that counts as trained
     timeout_s: float  # training seconds per worker at most
     threads: int  # torch CPU threads per worker
+    repeat: int = 0  # which repeat: seeds the initial model, the data order and the gossip draws
+
+
+def _seeded(job: Job, what: str) -> str:
+    """The name a random stream of `job` is seeded from; repeat 0 keeps the original names."""
+    run = CLUSTER if job.repeat == 0 else f"{CLUSTER}#{job.repeat}"
+    return f"{run}:{what}" if what else run
 
 
 # Messages a worker puts on the parent's queue, as tuples:
@@ -225,9 +243,9 @@ def _setup(job: Job) -> Setup:
     if len(data.train_y) < job.batch_size:
         raise ValueError(f"shard of {len(data.train_y)} examples < batch size {job.batch_size}")
     batches = BatchSampler(
-        data.train_x, data.train_y, job.batch_size, seed=text_seed(f"{CLUSTER}:data:{job.rank}")
+        data.train_x, data.train_y, job.batch_size, seed=text_seed(_seeded(job, f"data:{job.rank}"))
     )
-    torch.manual_seed(cluster_seed(CLUSTER))  # every worker of every system: the same start
+    torch.manual_seed(cluster_seed(_seeded(job, "")))  # every worker of every system: one start
     model = build_model(job.model, data.input_shape, data.num_classes).to(device)
     return Setup(model, batches, data.test_x.to(device), data.test_y.to(device), device)
 
@@ -240,13 +258,13 @@ def _train(
     go: Any,
     stop: Any,
     after_step: Callable[[], None],
-    vote: Callable[[bool, bool], bool],
+    vote: Callable[[float, bool], bool],
 ) -> dict[str, Any]:
     """The loop every worker runs; returns its facts: steps taken, accuracy at the last
     evaluation, and eval_s (seconds spent evaluating and voting, not counted as training).
 
     `net` is what the forward pass calls (the model, or DDP around it); `after_step` runs after
-    each optimizer step (node.step for gossip). After each evaluation `vote(reached_here,
+    each optimizer step (node.step for gossip). After each evaluation `vote(accuracy,
     stop_requested)` says whether to stop; stop_requested means the parent asked, the deadline
     passed or the parent died.
     """
@@ -281,7 +299,7 @@ def _train(
         _, accuracy = evaluate(model, setup.test_x, setup.test_y, device)
         events.put(("eval", job.rank, (step, train_s, accuracy, loopback_bytes()[1])))
         requested = stop.is_set() or train_s > job.timeout_s or os.getppid() != parent
-        done = vote(accuracy >= job.target, requested)
+        done = vote(accuracy, requested)
         paused += time.monotonic() - pause_start
         if done:
             break
@@ -291,7 +309,14 @@ def _train(
 def _sgd_worker(job: Job, events: Any, go: Any, stop: Any) -> None:
     setup = _setup(job)
     facts = _train(
-        job, setup, setup.model, events, go, stop, lambda: None, lambda here, asked: here or asked
+        job,
+        setup,
+        setup.model,
+        events,
+        go,
+        stop,
+        lambda: None,
+        lambda acc, asked: acc >= job.target or asked,
     )
     events.put(("done", job.rank, facts))
 
@@ -306,7 +331,7 @@ def _gossip_worker(job: Job, events: Any, go: Any, stop: Any) -> None:
         cluster=CLUSTER,
         mdns=False,
         p=job.p,
-        seed=text_seed(f"{CLUSTER}:gossip:{job.rank}"),
+        seed=text_seed(_seeded(job, f"gossip:{job.rank}")),
         drain_timeout_s=DRAIN_TIMEOUT_S,
     )
     node = GossipNode(setup.model, config)
@@ -315,7 +340,7 @@ def _gossip_worker(job: Job, events: Any, go: Any, stop: Any) -> None:
             raise TimeoutError(f"node {job.rank} did not meet its {job.world - 1} peers")
         # the parent decides on the mean of all nodes: only its request (or a deadline) stops
         facts = _train(
-            job, setup, setup.model, events, go, stop, node.step, lambda here, asked: asked
+            job, setup, setup.model, events, go, stop, node.step, lambda acc, asked: asked
         )
         weight = node.finish()  # settles every message: the weights now sum to the founders'
         _, facts["accuracy"] = evaluate(setup.model, setup.test_x, setup.test_y, setup.device)
@@ -351,11 +376,14 @@ def _ddp_worker(job: Job, events: Any, go: Any, stop: Any) -> None:
         cuda = setup.device.type == "cuda"
         net = DistributedDataParallel(setup.model, device_ids=[setup.device] if cuda else None)
 
-        def vote(here: bool, asked: bool) -> bool:
-            # every rank's model is the same, but a deadline or request may reach one rank only
-            flag = torch.tensor([float(here or asked)], device=setup.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            return bool(flag.item() > 0)
+        def vote(accuracy: float, asked: bool) -> bool:
+            # The parent's rule, the mean accuracy of the ranks, decided by every rank alike: the
+            # ranks' models may differ in the last bits (and so, rarely, in one test answer),
+            # and a deadline or a request may reach one rank only.
+            votes = [torch.zeros(2, dtype=torch.float64) for _ in range(job.world)]
+            dist.all_gather(votes, torch.tensor([accuracy, float(asked)], dtype=torch.float64))
+            accuracies = [float(v[0]) for v in votes]  # in rank order, as the parent sums them
+            return mean_accuracy(accuracies) >= job.target or any(v[1] > 0 for v in votes)
 
         facts = _train(job, setup, net, events, go, stop, lambda: None, vote)
         events.put(("done", job.rank, facts))
@@ -413,6 +441,11 @@ def _reap(procs: list[Any], grace_s: float) -> list[str]:
     return killed
 
 
+def mean_accuracy(accuracies: list[float]) -> float:
+    """The target rule's mean, computed the same way by the parent and by DDP's ranks."""
+    return sum(accuracies) / len(accuracies)
+
+
 def curve(
     evals: dict[int, dict[int, tuple[float, float, int]]], world: int, tx0: int
 ) -> list[dict[str, Any]]:
@@ -428,7 +461,7 @@ def curve(
             {
                 "step": step,
                 "accuracy": accuracy,
-                "mean_accuracy": sum(accuracy) / world,
+                "mean_accuracy": mean_accuracy(accuracy),
                 "wall_s": max(seen[rank][0] for rank in range(world)),
                 "bytes": max(seen[rank][2] for rank in range(world)) - tx0,
             }
@@ -511,14 +544,24 @@ def supervise(
     return out
 
 
-def run_system(system: str, args: argparse.Namespace, device: str) -> dict[str, Any]:
-    """Train `system` once in fresh processes; returns its row of results."""
+def run_system(
+    system: str, args: argparse.Namespace, device: str, repeat: int = 0
+) -> dict[str, Any]:
+    """Train `system` once in fresh processes (seeds of `repeat`); returns its row of results."""
     world = 1 if system == "sgd" else WORKERS
     ports = free_ports(world if system == "gossip" else 1 if system == "ddp" else 0)
     settings = {name: getattr(args, name) for name in SETTINGS}
     gpus = torch.cuda.device_count() if device == "cuda" else 0  # workers share them round-robin
     jobs = [
-        Job(system, rank, world, ports, f"cuda:{rank % gpus}" if gpus else "cpu", **settings)
+        Job(
+            system,
+            rank,
+            world,
+            ports,
+            f"cuda:{rank % gpus}" if gpus else "cpu",
+            **settings,
+            repeat=repeat,
+        )
         for rank in range(world)
     ]
     ctx = mp.get_context("spawn")
@@ -542,6 +585,7 @@ def run_system(system: str, args: argparse.Namespace, device: str) -> dict[str, 
     finals = [out.done[rank] for rank in sorted(out.done)]
     row: dict[str, Any] = {
         "system": system,
+        "repeat": repeat,
         "label": f"gossip p={args.p:g}" if system == "gossip" else system,
         "workers": world,
         "device": jobs[0].device.split(":")[0],
@@ -586,9 +630,57 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "-" if value is None else format(value, spec) + suffix
 
 
-def print_table(rows: list[dict[str, Any]], args: argparse.Namespace, counting: str) -> None:
+def summarize(rows: list[dict[str, Any]], systems: list[str]) -> dict[str, dict[str, Any]]:
+    """Per system, over the repeats: how many reached the target, and the median, min and max
+    of steps, wall time, bytes and the ratios to DDP (each ratio against the DDP run of the same
+    repeat), over the repeats that reached it."""
+    keys = ("steps_to_target", "wall_s_to_target", "bytes_to_target", "wall_ratio_vs_ddp",
+            "bytes_ratio_vs_ddp")  # fmt: skip
+    summary: dict[str, dict[str, Any]] = {}
+    for system in systems:
+        mine = [r for r in rows if r["system"] == system]
+        entry: dict[str, Any] = {"runs": len(mine), "reached": sum(r["reached"] for r in mine)}
+        for key in keys:
+            values = [r[key] for r in mine if r[key] is not None]
+            entry[key] = (
+                {"median": statistics.median(values), "min": min(values), "max": max(values)}
+                if values
+                else None
+            )
+        summary[system] = entry
+    return summary
+
+
+def print_summary(summary: dict[str, dict[str, Any]], repeats: int) -> None:
+    print(f"\nover {repeats} repeats: median [min - max] over the repeats that reached the target")
     print(
-        f"\ntime to {args.target:g} test accuracy: {args.model} on {args.dataset}, batch "
+        f"{'system':<8} {'reached':>7} {'steps':>16} {'wall s':>19} {'MB':>22} "
+        f"{'wall/DDP':>19} {'bytes/DDP':>22}"
+    )
+
+    def cell(stat: dict[str, float] | None, spec: str, scale: float = 1.0) -> str:
+        if stat is None:
+            return "-"
+        lo, mid, hi = (format(stat[k] * scale, spec) for k in ("min", "median", "max"))
+        return f"{mid} [{lo}-{hi}]"
+
+    for system, entry in summary.items():
+        print(
+            f"{system:<8} {entry['reached']:>3}/{entry['runs']:<3} "
+            f"{cell(entry['steps_to_target'], '.0f'):>16} "
+            f"{cell(entry['wall_s_to_target'], '.2f'):>19} "
+            f"{cell(entry['bytes_to_target'], '.2f', 1e-6):>22} "
+            f"{cell(entry['wall_ratio_vs_ddp'], '.2f'):>19} "
+            f"{cell(entry['bytes_ratio_vs_ddp'], '.3f'):>22}"
+        )
+
+
+def print_table(
+    rows: list[dict[str, Any]], args: argparse.Namespace, counting: str, repeat: int = 0
+) -> None:
+    seeds = f" (repeat {repeat})" if args.repeats > 1 else ""
+    print(
+        f"\ntime to {args.target:g} test accuracy{seeds}: {args.model} on {args.dataset}, batch "
         f"{args.batch_size}/worker, lr {args.lr:g}, momentum {args.momentum:g}, "
         f"max {args.max_steps} steps, eval every {args.eval_every}, {args.threads} thread(s)/worker"
     )
@@ -645,14 +737,20 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (1)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="subset, in this order")
+    parser.add_argument(
+        "--repeats", type=int, default=1,
+        help="runs of every system, each seeding the initial model, data order and draws anew",
+    )  # fmt: skip
     parser.add_argument("--json", default="bench/results/time_to_accuracy.json")
     parser.add_argument("--no-netns", action="store_true", help="count the host's loopback")
     args = parser.parse_args()
     systems = [s for s in args.systems.split(",") if s]
     if not systems or any(s not in SYSTEMS for s in systems):
         parser.error(f"--systems: a comma-separated subset of {','.join(SYSTEMS)}")
-    if min(args.max_steps, args.eval_every, args.batch_size, args.threads) < 1:
-        parser.error("--max-steps, --eval-every, --batch-size and --threads must be >= 1")
+    if min(args.max_steps, args.eval_every, args.batch_size, args.threads, args.repeats) < 1:
+        parser.error(
+            "--max-steps, --eval-every, --batch-size, --threads and --repeats must be >= 1"
+        )
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available here")
 
@@ -673,17 +771,24 @@ def main() -> None:
             ddp_device = "cpu"
             print(f"DDP runs on the CPU: gloo cannot all-reduce CUDA tensors here ({ddp_note})")
 
-    rows = []
-    for system in systems:
-        print(f"running {system} ...", end=" ", flush=True)
-        started = time.monotonic()
-        rows.append(run_system(system, args, ddp_device if system == "ddp" else args.device))
-        print(f"{time.monotonic() - started:.1f} s, processes included", flush=True)
-    base = next((r for r in rows if r["system"] == "ddp"), {})  # ratios need DDP in the run
-    for r in rows:
-        r["wall_ratio_vs_ddp"] = _ratio(r["wall_s_to_target"], base.get("wall_s_to_target"))
-        r["bytes_ratio_vs_ddp"] = _ratio(r["bytes_to_target"], base.get("bytes_to_target"))
-    print_table(rows, args, counting)
+    all_rows = []
+    for repeat in range(args.repeats):
+        rows = []
+        for system in systems:
+            print(f"repeat {repeat}: running {system} ...", end=" ", flush=True)
+            started = time.monotonic()
+            device = ddp_device if system == "ddp" else args.device
+            rows.append(run_system(system, args, device, repeat))
+            print(f"{time.monotonic() - started:.1f} s, processes included", flush=True)
+        base = next((r for r in rows if r["system"] == "ddp"), {})  # ratios need DDP in the run
+        for r in rows:
+            r["wall_ratio_vs_ddp"] = _ratio(r["wall_s_to_target"], base.get("wall_s_to_target"))
+            r["bytes_ratio_vs_ddp"] = _ratio(r["bytes_to_target"], base.get("bytes_to_target"))
+        print_table(rows, args, counting, repeat)
+        all_rows += rows
+    summary = summarize(all_rows, systems)
+    if args.repeats > 1:
+        print_summary(summary, args.repeats)
     write_json(
         args.json,
         "time_to_accuracy",
@@ -694,7 +799,9 @@ def main() -> None:
         ddp_device_note=ddp_note,
         rule=RULE,
         bytes_counted=f"/proc/net/dev lo tx bytes; {counting}",
-        systems=rows,
+        repeats=args.repeats,
+        summary=summary,
+        systems=all_rows,
     )
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from gosgd_p2p.data import load_dataset
+
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "time_to_accuracy.py"
 MAX_STEPS = 60
 
@@ -75,8 +77,12 @@ def test_three_systems_reach_the_target_and_bytes_are_counted_on_a_private_loopb
     assert gossip["training_bytes"] >= gossip["payload_bytes_sent"]  # the wire carries the state
     assert sgd["total_bytes"] < 0.001 * ddp["total_bytes"]
 
-    # DDP's ranks hold one model: every evaluation agrees across ranks
-    assert all(len(set(pt["accuracy"])) == 1 for pt in ddp["curve"]), ddp["curve"]
+    # DDP's ranks hold one model, to rounding (their all-reduced gradients may differ in the last
+    # bits): the ranks' accuracies agree to one test answer at every evaluation, where
+    # independent models would differ by many
+    answer = 1 / len(load_dataset("digits").test_y)
+    for pt in ddp["curve"]:
+        assert max(pt["accuracy"]) - min(pt["accuracy"]) <= 1.5 * answer, ddp["curve"]
     # every gossip node founded, and after finish() the weights sum exactly to 4
     assert gossip["founders"] == 4
     assert len(gossip["final_weights"]) == 4
@@ -85,11 +91,22 @@ def test_three_systems_reach_the_target_and_bytes_are_counted_on_a_private_loopb
     assert "rule: target reached" in stdout and "gossip p=0.1" in stdout
 
 
-@pytest.mark.timeout(60)
-def test_no_netns_counts_the_shared_loopback_and_says_so(tmp_path: Path) -> None:
-    report, stdout = _bench(tmp_path, "--no-netns", "--systems", "sgd")
+@pytest.mark.timeout(90)
+def test_no_netns_counts_the_shared_loopback_and_repeats_reseed(tmp_path: Path) -> None:
+    report, stdout = _bench(tmp_path, "--no-netns", "--systems", "sgd", "--repeats", "2")
     assert report["bytes_counted"].endswith("shared loopback, counts include other traffic")
     assert "shared loopback" in stdout
-    (row,) = report["systems"]
-    assert row["system"] == "sgd" and row["reached"] and row["steps_to_target"] <= MAX_STEPS
-    assert row["wall_ratio_vs_ddp"] is None  # no DDP in this run to compare with
+    first, second = report["systems"]
+    assert [first["repeat"], second["repeat"]] == [0, 1]
+    for row in (first, second):
+        assert row["system"] == "sgd" and row["reached"] and row["steps_to_target"] <= MAX_STEPS
+        assert row["wall_ratio_vs_ddp"] is None  # no DDP in this run to compare with
+    # another repeat is another draw: a new initial model and data order
+    assert [pt["accuracy"] for pt in first["curve"]] != [pt["accuracy"] for pt in second["curve"]]
+    summary = report["summary"]["sgd"]
+    assert report["repeats"] == 2 and summary["runs"] == 2 and summary["reached"] == 2
+    steps = sorted(row["steps_to_target"] for row in (first, second))
+    assert summary["steps_to_target"]["min"] == steps[0]
+    assert summary["steps_to_target"]["max"] == steps[1]
+    assert summary["wall_ratio_vs_ddp"] is None
+    assert "over 2 repeats" in stdout
