@@ -5,7 +5,7 @@
 # time_to_accuracy_gpu_host.json, time_to_accuracy_cnn_gpu_host.json, run.txt (8 files);
 # docs/benchmarks.md quotes them.
 #
-#   bash bench/gpu_run.sh          # ~4-5 minutes on an H200 host with 16 cores
+#   bash bench/gpu_run.sh          # ~5-6 minutes on an H200 host with 16 cores
 #
 # The host's python3 must have torch with CUDA. Missing packages may travel as wheels in .whl/
 # (WHEELS=.whl, installed into /tmp/site, nothing else touched). Each step has its own time limit, and a
@@ -51,9 +51,9 @@ print("torch", torch.__version__, "grpc", grpc.__version__, "protobuf", p.__vers
     step transport 120 "$PY" bench/transport.py --sizes 16,64,256 --chunks-kib 1024,4096 \
         --repeats 5 --json "$OUT/transport_gpu_host.json"
     if [ -f bench/time_to_accuracy.py ]; then
-        step time_to_accuracy 90 "$PY" bench/time_to_accuracy.py \
+        step time_to_accuracy 120 "$PY" bench/time_to_accuracy.py --repeats 3 \
             --json "$OUT/time_to_accuracy_gpu_host.json" ${TTA_ARGS:-}
-        step time_to_accuracy_cnn 90 "$PY" bench/time_to_accuracy.py --model cnn \
+        step time_to_accuracy_cnn 120 "$PY" bench/time_to_accuracy.py --model cnn --repeats 3 \
             --json "$OUT/time_to_accuracy_cnn_gpu_host.json" ${TTA_ARGS:-}
     fi
 } 2>&1 | tee "$OUT/run.txt"

@@ -1,0 +1,313 @@
+"""Benchmark: where the sender runs, and what each push costs the training loop there.
+
+    python bench/sender_placement.py [--model mlp] [--p 0.1] [--steps 3000] [--repeats 5]
+        [--json bench/results/sender_placement.json]
+
+The overhead benchmark shows that a small, fast model (mlp: 104 KB state, 0.4 ms step) pays
+far more for gossip at p = 0.1 than a bigger one does. This asks why: is it the GIL the sender
+shares with the training thread (then a sender in another process would remove it), or the
+CPU each push costs on a small machine (then it would not)? One trainer process trains with
+the overhead benchmark's loop while a sink node in another process takes every push and drops
+it (bench/sink.py); the pushes go out in one of these ways:
+  node     the project's GossipNode at push probability p (its sender threads);
+  thread   one thread of the trainer streams the message with grpc's sync API;
+  asyncio  an asyncio event loop on one thread of the trainer streams it with grpc.aio;
+  process  the trainer copies its state into shared memory and signals a sender process over
+           a pipe; that process streams it with grpc's sync API.
+The raw placements (thread, asyncio, process) send the same wire chunks (wire.split_for_
+streaming) and keep one push in flight: a draw that finds the sender busy is skipped. Every
+placement runs in a fresh trainer process, interleaved over the repeats; `none` (p = 0) is the
+baseline. Reported: median step time, its ratio to `none`, pushes, and the training time lost
+per push, (step - baseline) x steps / pushes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import multiprocessing as mp
+import os
+import random
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing import shared_memory
+from typing import Any
+
+import grpc
+import torch
+import torch.nn.functional as F
+from overhead import CLUSTER, _model, _result, sink  # bench/overhead.py, beside this script
+from report import write_json  # bench/report.py, beside this script
+
+from gosgd_p2p.state import StateLayout, module_state
+from gosgd_p2p.v1 import gossip_pb2 as pb
+from gosgd_p2p.wire import PROTOCOL_VERSION, split_for_streaming
+
+PLACEMENTS = ("none", "node", "thread", "asyncio", "process")
+METHOD = "/gosgd_p2p.v1.Gossip/PushState"
+TIMEOUT_S = 10.0
+READY_TIMEOUT_S = 120.0
+
+
+def _header(layout: StateLayout, sender: str, message_id: int) -> pb.StateHeader:
+    return pb.StateHeader(
+        sender_id=sender, message_id=message_id, weight=2.0**-20, fingerprint=layout.fingerprint,
+        encoding=pb.ENCODING_FP32, payload_bytes=layout.nbytes, cluster=CLUSTER,
+        protocol_version=PROTOCOL_VERSION,
+    )  # fmt: skip
+
+
+def _send(call: Any, layout: StateLayout, sender: str, message_id: int, data: memoryview) -> None:
+    ack = call(split_for_streaming(_header(layout, sender, message_id), data), timeout=TIMEOUT_S)
+    if not ack.receiver_id:
+        raise RuntimeError("push without a receiver id in its ack")
+
+
+def sender_process(address: str, model: str, shm_name: str, conn: Any) -> None:
+    """The `process` placement's sender: one push of the shared buffer per message id received."""
+    layout = StateLayout(module_state(_model(model, "cpu")))
+    shm = shared_memory.SharedMemory(name=shm_name)
+    try:
+        data = shm.buf[: layout.nbytes]
+        with grpc.insecure_channel(address) as channel:
+            grpc.channel_ready_future(channel).result(timeout=TIMEOUT_S)
+            call = channel.stream_unary(METHOD, None, pb.PushAck.FromString)
+            conn.send(0)  # ready: the trainer's clock may start
+            while (message_id := conn.recv()) is not None:
+                _send(call, layout, f"proc-{os.getppid()}", message_id, data)
+                conn.send(message_id)
+        del data
+    finally:
+        shm.close()
+
+
+class _Raw:
+    """A raw placement's sender: start(message_id) begins a push of `flat`; busy() is True until
+    it is acked. The trainer copies the state into `flat` before start()."""
+
+    def __init__(self, placement: str, address: str, model: str, layout: StateLayout) -> None:
+        self.placement = placement
+        self.layout = layout
+        self.sender = f"{placement}-{os.getpid()}"
+        self._busy = False
+        self.errors: list[BaseException] = []
+        self.close: Callable[[], None]
+        if placement == "process":
+            self._shm = shared_memory.SharedMemory(create=True, size=layout.nbytes)
+            self.flat = torch.frombuffer(self._shm.buf, dtype=torch.float32)
+            ctx = mp.get_context("spawn")
+            self._conn, theirs = ctx.Pipe()
+            self._proc = ctx.Process(
+                target=sender_process, args=(address, model, self._shm.name, theirs)
+            )
+            self._proc.start()
+            if not self._conn.poll(READY_TIMEOUT_S):  # spawn and imports: seconds
+                raise TimeoutError(f"sender process not ready in {READY_TIMEOUT_S:.0f} s")
+            self._conn.recv()
+            self.close = self._close_process
+            return
+        self.flat = torch.empty(layout.numel)
+        data = memoryview(self.flat.numpy()).cast("B")
+        if placement == "thread":
+            channel = grpc.insecure_channel(address)
+            call = channel.stream_unary(METHOD, None, pb.PushAck.FromString)
+            wake = threading.Condition()
+            pending: list[int | None] = []
+
+            def run() -> None:
+                while True:
+                    with wake:
+                        wake.wait_for(lambda: pending)
+                        message_id = pending.pop()
+                    if message_id is None:
+                        return
+                    self._finish(call, message_id, data)
+
+            thread = threading.Thread(target=run, daemon=True)
+            thread.start()
+
+            def start(message_id: int | None) -> None:
+                with wake:
+                    pending.append(message_id)
+                    wake.notify()
+
+            def close() -> None:
+                start(None)
+                thread.join(TIMEOUT_S)
+                channel.close()
+
+            self._start, self.close = start, close
+        elif placement == "asyncio":
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, daemon=True)
+            thread.start()
+
+            async def open_call() -> Any:
+                channel = grpc.aio.insecure_channel(address)
+                return channel, channel.stream_unary(METHOD, None, pb.PushAck.FromString)
+
+            achannel, acall = asyncio.run_coroutine_threadsafe(open_call(), loop).result()
+
+            async def push(message_id: int) -> None:
+                header = _header(layout, self.sender, message_id)
+                try:
+                    await acall(split_for_streaming(header, data), timeout=TIMEOUT_S)
+                except BaseException as err:  # recorded; the run then fails
+                    self.errors.append(err)
+                self._busy = False
+
+            def start_aio(message_id: int | None) -> None:
+                assert message_id is not None
+                asyncio.run_coroutine_threadsafe(push(message_id), loop)
+
+            def close_aio() -> None:
+                asyncio.run_coroutine_threadsafe(achannel.close(), loop).result(TIMEOUT_S)
+                loop.call_soon_threadsafe(loop.stop)
+                thread.join(TIMEOUT_S)
+
+            self._start, self.close = start_aio, close_aio
+        else:
+            raise ValueError(f"unknown placement {placement!r}")
+
+    def _finish(self, call: Any, message_id: int, data: memoryview) -> None:
+        try:
+            _send(call, self.layout, self.sender, message_id, data)
+        except BaseException as err:  # recorded; the run then fails
+            self.errors.append(err)
+        self._busy = False
+
+    def busy(self) -> bool:
+        if self.placement == "process" and self._busy and self._conn.poll():
+            self._conn.recv()
+            self._busy = False
+        return self._busy
+
+    def start(self, message_id: int) -> None:
+        self._busy = True
+        if self.placement == "process":
+            self._conn.send(message_id)
+        else:
+            self._start(message_id)
+
+    def _close_process(self) -> None:
+        self._conn.send(None)
+        self._proc.join(TIMEOUT_S)
+        del self.flat
+        self._shm.close()
+        self._shm.unlink()
+        if self._proc.exitcode != 0:
+            self.errors.append(RuntimeError(f"sender process exit code {self._proc.exitcode}"))
+
+
+def trainer(job: dict[str, Any], out: Any) -> None:
+    """Train job["steps"] steps with the job's placement; put (mean step s, pushes)."""
+    from gosgd_p2p import GossipNode, NodeConfig
+
+    torch.set_num_threads(1)
+    model = _model(job["model"], "cpu")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 1, 8, 8, generator=gen), torch.randint(0, 10, (32,), generator=gen)
+    placement, p = job["placement"], job["p"]
+    state = [t for _, t in module_state(model)]
+    layout = StateLayout(module_state(model))
+    node = raw = None
+    if placement in ("none", "node"):
+        node = GossipNode(
+            model,
+            NodeConfig(node_id=f"t{os.getpid()}", cluster=CLUSTER, p=p if placement == "node"
+                       else 0.0, peers=[job["sink"]], mdns=False),
+        )  # fmt: skip
+    else:
+        raw = _Raw(placement, job["sink"], job["model"], layout)
+    rng = random.Random(0)
+    ids = itertools.count(1)
+    pushes = 0
+
+    def step() -> None:
+        nonlocal pushes
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if node is not None:
+            node.step()
+        elif rng.random() < p and raw is not None and not raw.busy():
+            layout.flatten_into(state, raw.flat)
+            raw.start(next(ids))
+            pushes += 1
+
+    for _ in range(job["warmup"]):
+        step()
+    pushes = 0
+    pushed_before = node.counters.get("pushes_started") if node is not None else 0
+    started = time.perf_counter()
+    for _ in range(job["steps"]):
+        step()
+    per_step = (time.perf_counter() - started) / job["steps"]
+    if node is not None:
+        pushes = node.counters.get("pushes_started") - pushed_before
+        node.finish()
+        node.close()
+    elif raw is not None:
+        deadline = time.monotonic() + TIMEOUT_S
+        while raw.busy() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        raw.close()
+        if raw.errors:
+            raise RuntimeError(f"{placement}: {len(raw.errors)} failed pushes: {raw.errors[0]!r}")
+    out.put((per_step, pushes))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mlp", choices=("mlp", "cnn"))
+    parser.add_argument("--p", type=float, default=0.1)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", default="bench/results/sender_placement.json")
+    args = parser.parse_args()
+    ctx = mp.get_context("spawn")
+    ready, stop = ctx.Queue(), ctx.Event()
+    sink_proc = ctx.Process(target=sink, args=(args.model, ready, stop))
+    sink_proc.start()
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in PLACEMENTS}
+    try:
+        address = ready.get(timeout=120)
+        for _ in range(args.repeats):  # interleaved, so drift hits every placement alike
+            for placement in PLACEMENTS:
+                out = ctx.Queue()
+                job = {"placement": placement, "p": args.p, "sink": address, "model": args.model,
+                       "steps": args.steps, "warmup": args.warmup}  # fmt: skip
+                proc = ctx.Process(target=trainer, args=(job, out))
+                proc.start()
+                per_step, pushes = _result(proc, out, limit_s=600)
+                proc.join(60)
+                runs[placement].append({"step_s": per_step, "pushes": pushes})
+                print(f"  {placement:<8} {per_step * 1e3:.4f} ms/step, {pushes} pushes", flush=True)
+    finally:
+        stop.set()
+        sink_proc.join(30)
+    base = statistics.median(r["step_s"] for r in runs["none"])
+    print(f"{'placement':<9} {'step ms':>8} {'slowdown':>9} {'pushes':>7} {'lost ms/push':>13}")
+    summary = {}
+    for placement, rows in runs.items():
+        step_s = statistics.median(r["step_s"] for r in rows)
+        pushes = statistics.median(r["pushes"] for r in rows)
+        lost = (step_s - base) * args.steps / pushes * 1e3 if pushes else None
+        summary[placement] = {"step_s": step_s, "slowdown": step_s / base, "pushes": pushes,
+                              "lost_ms_per_push": lost}  # fmt: skip
+        print(
+            f"{placement:<9} {step_s * 1e3:>8.4f} {step_s / base:>8.3f}x {pushes:>7.0f} "
+            f"{'-' if lost is None else format(lost, '.2f'):>13}"
+        )
+    write_json(args.json, "sender_placement", model=args.model, p=args.p, steps=args.steps,
+               median=summary, runs=runs)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
