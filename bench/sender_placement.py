@@ -1,7 +1,7 @@
 """Benchmark: where the sender runs, and what each push costs the training loop there.
 
     python bench/sender_placement.py [--model mlp] [--p 0.1] [--steps 3000] [--repeats 5]
-        [--json bench/results/sender_placement.json]
+        [--rate 200] [--json bench/results/sender_placement.json]
 
 The overhead benchmark shows that a small, fast model (mlp: 104 KB state, 0.4 ms step) pays
 far more for gossip at p = 0.1 than a bigger one does. This asks why: is it the GIL the sender
@@ -14,11 +14,14 @@ it (bench/sink.py); the pushes go out in one of these ways:
   asyncio  an asyncio event loop on one thread of the trainer streams it with grpc.aio;
   process  the trainer copies its state into shared memory and signals a sender process over
            a pipe; that process streams it with grpc's sync API.
+  receive  the other side of the same traffic: the trainer's node (p = 0) takes pushes that
+           another process sends it at --rate messages a second, and merges them (its server
+           threads run in the trainer's process, as in every node).
 The raw placements (thread, asyncio, process) send the same wire chunks (wire.split_for_
 streaming) and keep one push in flight: a draw that finds the sender busy is skipped. Every
 placement runs in a fresh trainer process, interleaved over the repeats; `none` (p = 0) is the
-baseline. Reported: median step time, its ratio to `none`, pushes, and the training time lost
-per push, (step - baseline) x steps / pushes.
+baseline. Reported: median step time, its ratio to `none`, pushes (for `receive`: messages
+merged), and the training time lost per push, (step - baseline) x steps / pushes.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from gosgd_p2p.state import StateLayout, module_state
 from gosgd_p2p.v1 import gossip_pb2 as pb
 from gosgd_p2p.wire import PROTOCOL_VERSION, split_for_streaming
 
-PLACEMENTS = ("none", "node", "thread", "asyncio", "process")
+PLACEMENTS = ("none", "node", "thread", "asyncio", "process", "receive")
 METHOD = "/gosgd_p2p.v1.Gossip/PushState"
 TIMEOUT_S = 10.0
 READY_TIMEOUT_S = 120.0
@@ -82,6 +85,26 @@ def sender_process(address: str, model: str, shm_name: str, conn: Any) -> None:
         del data
     finally:
         shm.close()
+
+
+def pusher_process(address: str, model: str, rate: float, conn: Any) -> None:
+    """The `receive` placement's peer: after "go", pushes to `address` at `rate` a second until
+    "stop", then sends back how many it pushed."""
+    layout = StateLayout(module_state(_model(model, "cpu")))
+    data = memoryview(bytearray(layout.nbytes))  # zeros: a valid state
+    pushed = 0
+    with grpc.insecure_channel(address) as channel:
+        grpc.channel_ready_future(channel).result(timeout=TIMEOUT_S)
+        call = channel.stream_unary(METHOD, None, pb.PushAck.FromString)
+        conn.send("ready")
+        conn.recv()  # go
+        due = time.monotonic()
+        while not conn.poll(max(0.0, due - time.monotonic())):
+            pushed += 1
+            _send(call, layout, f"pusher-{os.getpid()}", pushed, data)
+            due = max(due + 1.0 / rate, time.monotonic() - 0.05)  # no catch-up burst
+        conn.recv()  # stop
+    conn.send(pushed)
 
 
 class _Raw:
@@ -215,12 +238,23 @@ def trainer(job: dict[str, Any], out: Any) -> None:
     state = [t for _, t in module_state(model)]
     layout = StateLayout(module_state(model))
     node = raw = None
-    if placement in ("none", "node"):
+    pusher = None
+    if placement in ("none", "node", "receive"):
         node = GossipNode(
             model,
             NodeConfig(node_id=f"t{os.getpid()}", cluster=CLUSTER, p=p if placement == "node"
                        else 0.0, peers=[job["sink"]], mdns=False),
         )  # fmt: skip
+        if placement == "receive":
+            ctx = mp.get_context("spawn")
+            pusher, theirs = ctx.Pipe()
+            proc = ctx.Process(
+                target=pusher_process, args=(node.address, job["model"], job["rate"], theirs)
+            )
+            proc.start()
+            if not pusher.poll(READY_TIMEOUT_S):
+                raise TimeoutError(f"pusher not ready in {READY_TIMEOUT_S:.0f} s")
+            pusher.recv()
     else:
         raw = _Raw(placement, job["sink"], job["model"], layout)
     rng = random.Random(0)
@@ -243,13 +277,24 @@ def trainer(job: dict[str, Any], out: Any) -> None:
     for _ in range(job["warmup"]):
         step()
     pushes = 0
-    pushed_before = node.counters.get("pushes_started") if node is not None else 0
+    counted = "merged_received" if pusher is not None else "pushes_started"
+    if pusher is not None:
+        pusher.send("go")
+        while node is not None and not node.counters.get(counted):  # the first one arrived
+            step()
+    before = node.counters.get(counted) if node is not None else 0
     started = time.perf_counter()
     for _ in range(job["steps"]):
         step()
     per_step = (time.perf_counter() - started) / job["steps"]
+    if pusher is not None:
+        pusher.send("stop")
+        if not pusher.poll(TIMEOUT_S):
+            raise TimeoutError("the pusher did not stop")
+        pusher.recv()
+        proc.join(TIMEOUT_S)
     if node is not None:
-        pushes = node.counters.get("pushes_started") - pushed_before
+        pushes = node.counters.get(counted) - before
         node.finish()
         node.close()
     elif raw is not None:
@@ -269,6 +314,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rate", type=float, default=200.0, help="receive: pushes a second")
     parser.add_argument("--json", default="bench/results/sender_placement.json")
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
@@ -282,7 +328,7 @@ def main() -> None:
             for placement in PLACEMENTS:
                 out = ctx.Queue()
                 job = {"placement": placement, "p": args.p, "sink": address, "model": args.model,
-                       "steps": args.steps, "warmup": args.warmup}  # fmt: skip
+                       "steps": args.steps, "warmup": args.warmup, "rate": args.rate}  # fmt: skip
                 proc = ctx.Process(target=trainer, args=(job, out))
                 proc.start()
                 per_step, pushes = _result(proc, out, limit_s=600)
@@ -306,7 +352,7 @@ def main() -> None:
             f"{'-' if lost is None else format(lost, '.2f'):>13}"
         )
     write_json(args.json, "sender_placement", model=args.model, p=args.p, steps=args.steps,
-               median=summary, runs=runs)  # fmt: skip
+               receive_rate=args.rate, median=summary, runs=runs)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ accuracy of the workers' models at step k is >= --target (DDP's models agree to 
 ranks' all-reduce results may differ in the last bits, and so, rarely, may an accuracy; sgd
 has one). Wall time to target is when the slowest worker finished step k, less the time that
 worker spent evaluating (reported apart). Gossip nodes stop at their next evaluation once the
-target is reached (the parent sees all four), DDP ranks all-reduce their accuracies and stop
+target is reached (the parent sees all four), DDP ranks all-gather their accuracies and stop
 when the same mean reaches the target, and every worker stops by itself at --max-steps or
 after --timeout-s.
 
