@@ -2,10 +2,11 @@
 # The GPU checks in one call, for a CUDA host: the CUDA tests, then every benchmark that says
 # something about the GPU path or the host. Results go to $OUT (default bench/results/gpu):
 # env.txt, pytest.txt, gpu_micro.json, overhead_gpu.json, transport_gpu_host.json,
-# time_to_accuracy_gpu_host.json, time_to_accuracy_cnn_gpu_host.json, run.txt (8 files);
+# time_to_accuracy_gpu_host.json, time_to_accuracy_cnn_gpu_host.json,
+# sender_placement_gpu_host.json, run.txt (9 files);
 # docs/benchmarks.md quotes them.
 #
-#   bash bench/gpu_run.sh          # ~5-6 minutes on an H200 host with 16 cores
+#   bash bench/gpu_run.sh          # ~6-7 minutes on an H200 host with 16 cores
 #
 # The host's python3 must have torch with CUDA. Missing packages may travel as wheels in .whl/
 # (WHEELS=.whl, installed into /tmp/site, nothing else touched). Each step has its own time limit, and a
@@ -56,4 +57,7 @@ print("torch", torch.__version__, "grpc", grpc.__version__, "protobuf", p.__vers
         step time_to_accuracy_cnn 120 "$PY" bench/time_to_accuracy.py --model cnn --repeats 3 \
             --json "$OUT/time_to_accuracy_cnn_gpu_host.json" ${TTA_ARGS:-}
     fi
+    # GIL or CPU with 16 cores (last: the step limits add up to more than one 600 s call)
+    step sender_placement 120 "$PY" bench/sender_placement.py --repeats 2 \
+        --json "$OUT/sender_placement_gpu_host.json"
 } 2>&1 | tee "$OUT/run.txt"
