@@ -149,7 +149,7 @@ class _Raw:
                         return
                     self._finish(call, message_id, data)
 
-            thread = threading.Thread(target=run, daemon=True)
+            thread = threading.Thread(target=run, name="bench-sender", daemon=True)
             thread.start()
 
             def start(message_id: int | None) -> None:
@@ -165,7 +165,7 @@ class _Raw:
             self._start, self.close = start, close
         elif placement == "asyncio":
             loop = asyncio.new_event_loop()
-            thread = threading.Thread(target=loop.run_forever, daemon=True)
+            thread = threading.Thread(target=loop.run_forever, name="bench-aio-loop", daemon=True)
             thread.start()
 
             async def open_call() -> Any:
