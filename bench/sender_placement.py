@@ -14,6 +14,9 @@ it (bench/sink.py); the pushes go out in one of these ways:
   asyncio  an asyncio event loop on one thread of the trainer streams it with grpc.aio;
   process  the trainer copies its state into shared memory and signals a sender process over
            a pipe; that process streams it with grpc's sync API.
+  unary    a probe, not a push: the thread of `thread` sends the same wire bytes as one unary
+           call (to the sink's health service, which reads and refuses them). The protocol
+           has no unary push; this bounds what one would cost the sender.
   receive  the other side of the same traffic: the trainer's node (p = 0) takes pushes that
            another process sends it at --rate messages a second, and merges them (its server
            threads run in the trainer's process, as in every node).
@@ -49,8 +52,9 @@ from gosgd_p2p.state import StateLayout, module_state
 from gosgd_p2p.v1 import gossip_pb2 as pb
 from gosgd_p2p.wire import PROTOCOL_VERSION, split_for_streaming
 
-PLACEMENTS = ("none", "node", "thread", "asyncio", "process", "receive")
+PLACEMENTS = ("none", "node", "thread", "asyncio", "process", "unary", "receive")
 METHOD = "/gosgd_p2p.v1.Gossip/PushState"
+UNARY_PROBE = "/grpc.health.v1.Health/Check"
 TIMEOUT_S = 10.0
 READY_TIMEOUT_S = 120.0
 
@@ -67,6 +71,17 @@ def _send(call: Any, layout: StateLayout, sender: str, message_id: int, data: me
     ack = call(split_for_streaming(_header(layout, sender, message_id), data), timeout=TIMEOUT_S)
     if not ack.receiver_id:
         raise RuntimeError("push without a receiver id in its ack")
+
+
+def _send_unary(
+    call: Any, layout: StateLayout, sender: str, message_id: int, data: memoryview
+) -> None:
+    request = b"".join(split_for_streaming(_header(layout, sender, message_id), data))
+    try:
+        call(request, timeout=TIMEOUT_S)
+    except grpc.RpcError as err:  # refused after reading: expected, unless it never arrived
+        if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            raise
 
 
 def sender_process(address: str, model: str, shm_name: str, conn: Any) -> None:
@@ -134,9 +149,14 @@ class _Raw:
             return
         self.flat = torch.empty(layout.numel)
         data = memoryview(self.flat.numpy()).cast("B")
-        if placement == "thread":
+        if placement in ("thread", "unary"):
             channel = grpc.insecure_channel(address)
-            call = channel.stream_unary(METHOD, None, pb.PushAck.FromString)
+            if placement == "thread":
+                call = channel.stream_unary(METHOD, None, pb.PushAck.FromString)
+                send = _send
+            else:
+                call = channel.unary_unary(UNARY_PROBE, None, None)
+                send = _send_unary
             wake = threading.Condition()
             pending: list[int | None] = []
 
@@ -147,7 +167,11 @@ class _Raw:
                         message_id = pending.pop()
                     if message_id is None:
                         return
-                    self._finish(call, message_id, data)
+                    try:
+                        send(call, layout, self.sender, message_id, data)
+                    except BaseException as err:  # recorded; the run then fails
+                        self.errors.append(err)
+                    self._busy = False
 
             thread = threading.Thread(target=run, name="bench-sender", daemon=True)
             thread.start()
@@ -194,13 +218,6 @@ class _Raw:
             self._start, self.close = start_aio, close_aio
         else:
             raise ValueError(f"unknown placement {placement!r}")
-
-    def _finish(self, call: Any, message_id: int, data: memoryview) -> None:
-        try:
-            _send(call, self.layout, self.sender, message_id, data)
-        except BaseException as err:  # recorded; the run then fails
-            self.errors.append(err)
-        self._busy = False
 
     def busy(self) -> bool:
         if self.placement == "process" and self._busy and self._conn.poll():
