@@ -14,7 +14,14 @@ import grpc
 
 from gosgd_p2p.security import Credentials
 from gosgd_p2p.v1 import gossip_pb2 as pb
-from gosgd_p2p.wire import CHUNK_BYTES, Chunk, decode_chunk, grpc_options, split_for_streaming
+from gosgd_p2p.wire import (
+    CHUNK_BYTES,
+    Chunk,
+    decode_chunk,
+    grpc_options,
+    join_message,
+    split_for_streaming,
+)
 
 __all__ = ["PeerClient", "PushFailed"]
 
@@ -50,6 +57,10 @@ class PushFailed(Exception):
         self.maybe_delivered = maybe_delivered
 
 
+class _Unimplemented(Exception):
+    """The peer has no PushMessage (a node older than it)."""
+
+
 class _Tracked(Iterable[T]):
     """Yields the items of `items` and records when the last one has been taken."""
 
@@ -77,6 +88,7 @@ class PeerClient:
         self._metadata = self._credentials.call_metadata()
         self._max_channels = max_channels
         self._channels: OrderedDict[str, grpc.Channel] = OrderedDict()
+        self._stream_only: set[str] = set()  # peers without PushMessage (older nodes)
         self._lock = threading.Lock()
         self._closed = False
 
@@ -91,7 +103,8 @@ class PeerClient:
             channel = self._credentials.open_channel(address, grpc_options())
             self._channels[address] = channel
             if len(self._channels) > self._max_channels:
-                _, oldest = self._channels.popitem(last=False)
+                gone, oldest = self._channels.popitem(last=False)
+                self._stream_only.discard(gone)
                 oldest.close()  # calls still running on it fail, and are handled as failures
             return channel
 
@@ -103,12 +116,50 @@ class PeerClient:
         timeout: float,
         chunk_bytes: int = CHUNK_BYTES,
     ) -> pb.PushAck:
-        """Stream one message to `address` and return its ack; raise PushFailed otherwise.
+        """Send one message to `address` and return its ack; raise PushFailed otherwise.
 
-        `payload` must stay unchanged until this returns.
+        A payload of one chunk goes as one PushMessage call, which costs the sender (and the
+        GIL it shares with the training thread) a fraction of a stream; a larger one, or one to
+        a peer that does not know PushMessage, is streamed with PushState. `payload` must stay
+        unchanged until this returns.
         """
+        if header.payload_bytes <= chunk_bytes:
+            with self._lock:
+                unary = address not in self._stream_only
+            if unary:
+                try:
+                    return self._push_message(address, header, payload, timeout, chunk_bytes)
+                except _Unimplemented:  # an older node: certainly not delivered, so stream it
+                    with self._lock:
+                        self._stream_only.add(address)
         chunks = split_for_streaming(header, payload, chunk_bytes)
         return self.push_chunks(address, chunks, timeout)
+
+    def _push_message(
+        self,
+        address: str,
+        header: pb.StateHeader,
+        payload: memoryview,
+        timeout: float,
+        chunk_bytes: int,
+    ) -> pb.PushAck:
+        request = join_message(split_for_streaming(header, payload, chunk_bytes))
+        call = self._channel(address).unary_unary(
+            f"/{SERVICE}/PushMessage",
+            request_serializer=None,  # a serialized StateMessage already
+            response_deserializer=pb.PushAck.FromString,
+        )
+        try:
+            ack: pb.PushAck = call(request, timeout=timeout, metadata=self._metadata)
+            return ack
+        except grpc.RpcError as err:
+            code = err.code()
+            if code == grpc.StatusCode.UNIMPLEMENTED:
+                raise _Unimplemented from None
+            # the whole message is handed to gRPC at once: once connected, it may have arrived
+            never_connected = "failed to connect" in (err.details() or "").lower()
+            maybe = code not in NOT_DELIVERED and not never_connected
+            raise PushFailed(code, err.details() or "", maybe) from None
 
     def push_chunks(self, address: str, chunks: Iterator[bytes], timeout: float) -> pb.PushAck:
         """Stream already-encoded chunks as one PushState call; raise PushFailed on failure."""
@@ -168,6 +219,7 @@ class PeerClient:
         """Close the channel to `address` (a peer that left)."""
         with self._lock:
             channel = self._channels.pop(address, None)
+            self._stream_only.discard(address)
         if channel is not None:
             channel.close()
 

@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gosgd_p2p.security import Credentials, TokenInterceptor
 from gosgd_p2p.v1 import gossip_pb2 as pb
-from gosgd_p2p.wire import Chunk, Reject, decode_chunk, grpc_options
+from gosgd_p2p.wire import Chunk, Reject, decode_chunk, grpc_options, split_message
 
 __all__ = ["GossipServer", "NodeBridge", "STATUS_OF"]
 
@@ -66,7 +66,7 @@ class NodeBridge(Protocol):
         ...
 
 
-def _decoded(raw_chunks: Iterable[bytes]) -> Iterator[Chunk]:
+def _decoded(raw_chunks: Iterable[bytes | memoryview]) -> Iterator[Chunk]:
     for raw in raw_chunks:
         yield decode_chunk(raw)
 
@@ -134,10 +134,19 @@ class _Servicer:
     def push_state(
         self, request_iterator: Iterable[bytes], context: grpc.ServicerContext
     ) -> pb.PushAck:
+        return self._push(request_iterator, context)
+
+    def push_message(self, raw: bytes, context: grpc.ServicerContext) -> pb.PushAck:
+        return self._push(split_message(raw), context)
+
+    def _push(
+        self, raw_chunks: Iterable[bytes | memoryview], context: grpc.ServicerContext
+    ) -> pb.PushAck:
+        """One push, streamed or in one message: the same checks, commit and ack."""
         ticket = self._watchdog.watch(context, self._receive_timeout_s)
         try:
             return self._bridge.receive_push(
-                _decoded(request_iterator), context.peer(), context.is_active
+                _decoded(raw_chunks), context.peer(), context.is_active
             )
         except Reject as reject:
             self._refuse(reject, context)
@@ -215,6 +224,11 @@ class GossipServer:
                 servicer.push_state,
                 request_deserializer=None,  # raw bytes: decoded in the handler, so a malformed
                 response_serializer=pb.PushAck.SerializeToString,  # chunk gets a clear status
+            ),
+            "PushMessage": grpc.unary_unary_rpc_method_handler(
+                servicer.push_message,
+                request_deserializer=None,  # split and decoded in the handler, as PushState's
+                response_serializer=pb.PushAck.SerializeToString,
             ),
             "FetchState": grpc.unary_stream_rpc_method_handler(
                 servicer.fetch_state,

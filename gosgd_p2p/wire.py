@@ -40,7 +40,9 @@ __all__ = [
     "decode_chunk",
     "encode_chunk",
     "grpc_options",
+    "join_message",
     "split_for_streaming",
+    "split_message",
 ]
 
 #: Wire protocol version spoken by this code (protos/gosgd_p2p/v1).
@@ -197,7 +199,7 @@ def _address(buf: bytes | memoryview) -> int:
     return address
 
 
-def decode_chunk(raw: bytes) -> Chunk:
+def decode_chunk(raw: bytes | memoryview) -> Chunk:
     """Parse a serialized StateChunk without copying its data (a view into `raw`).
 
     Raises Reject("invalid", ...) on malformed input. Unknown fields are skipped, as protobuf
@@ -264,6 +266,49 @@ def split_for_streaming(
         yield encode_chunk(Chunk(offset=start, data=piece, crc32=crc if last else None))
     if total == 0:
         yield encode_chunk(Chunk(crc32=0))
+
+
+_CHUNKS_TAG = bytes([1 << 3 | 2])  # StateMessage.chunks: field 1, length-delimited
+
+
+def join_message(chunks: Iterable[bytes]) -> bytes:
+    """A serialized StateMessage holding these serialized chunks, in order (PushMessage).
+
+    Byte-identical to protobuf's serialization of StateMessage(chunks=[...]).
+    """
+    parts: list[bytes | memoryview] = []
+    for chunk in chunks:
+        parts += [_CHUNKS_TAG, _varint(len(chunk)), chunk]
+    return _join(parts)
+
+
+def split_message(raw: bytes | memoryview) -> Iterator[memoryview]:
+    """The serialized chunks of a serialized StateMessage, in order, as views into `raw`.
+
+    Raises Reject("invalid", ...) when it reaches malformed input; unknown fields are skipped.
+    """
+    buf = memoryview(raw)
+    pos = 0
+    while pos < len(buf):
+        key, pos = _read_varint(buf, pos)
+        field, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            _, pos = _read_varint(buf, pos)
+            continue
+        if wire_type == 2:
+            length, pos = _read_varint(buf, pos)
+            end = pos + length
+            if end > len(buf):
+                raise Reject("invalid", "malformed_message", "chunk runs past the message's end")
+            if field == 1:
+                yield buf[pos:end]
+            pos = end
+        elif wire_type in (1, 5):
+            pos += 8 if wire_type == 1 else 4
+            if pos > len(buf):
+                raise Reject("invalid", "malformed_message", "field runs past the message's end")
+        else:
+            raise Reject("invalid", "malformed_message", f"unsupported wire type {wire_type}")
 
 
 # --- reassembly -------------------------------------------------------------------------------

@@ -15,7 +15,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gosgd_p2p import GossipNode, NodeConfig, cluster_seed, consensus
 from gosgd_p2p.client import PeerClient
 from gosgd_p2p.v1 import gossip_pb2 as pb
-from gosgd_p2p.wire import PROTOCOL_VERSION, Chunk, encode_chunk
+from gosgd_p2p.wire import (
+    PROTOCOL_VERSION,
+    Chunk,
+    encode_chunk,
+    join_message,
+    split_for_streaming,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -196,6 +202,39 @@ def test_malformed_and_truncated_streams_get_invalid_argument() -> None:
         assert a.counters.get("pushes_received") == 0
         for x, x0 in zip(a.state, before, strict=True):
             assert torch.equal(x, x0)
+    channel.close()
+
+
+def test_malformed_and_truncated_push_messages_get_invalid_argument() -> None:
+    a = GossipNode(make_model(), cfg("a", p=0.0))
+    channel = grpc.insecure_channel(a.address)
+    push = channel.unary_unary("/gosgd_p2p.v1.Gossip/PushMessage", request_serializer=None)
+    header = pb.StateHeader(
+        sender_id="x", message_id=1, weight=0.5, fingerprint=a.layout.fingerprint,
+        encoding=pb.ENCODING_FP32, payload_bytes=a.layout.nbytes, cluster="unit",
+        protocol_version=PROTOCOL_VERSION,
+    )  # fmt: skip
+    payload = memoryview(torch.zeros(a.layout.numel).numpy()).cast("B")
+    whole = list(split_for_streaming(header, payload))
+    with a:
+        before = snapshot(a)
+        cases = {
+            "garbage": b"\x0a\xff\xff\xff\xff",  # a chunk longer than the message
+            "garbage chunk": join_message([b"\xff\xff\xff\xff"]),
+            "truncated": join_message(whole[:1] + [encode_chunk(Chunk(data=b"\0" * 8))]),
+            "no header": join_message(whole[1:]),
+            "empty": b"",
+        }
+        for name, message in cases.items():
+            with pytest.raises(grpc.RpcError) as info:
+                push(message, timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+        assert a.counters.get("pushes_received") == 0
+        ack = pb.PushAck.FromString(push(join_message(whole), timeout=10))  # the same, whole
+        assert ack.receiver_id == "a" and not ack.duplicate
+        assert a.finish() == 1.5
+        for x, x0 in zip(a.state, before, strict=True):
+            assert torch.allclose(x, x0 * 2 / 3, rtol=1e-6, atol=0)  # (1.0 x + 0.5 * 0) / 1.5
     channel.close()
 
 

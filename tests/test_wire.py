@@ -25,7 +25,9 @@ from gosgd_p2p.wire import (
     decode_chunk,
     encode_chunk,
     first_header,
+    join_message,
     split_for_streaming,
+    split_message,
 )
 
 FINGERPRINT = bytes(range(16))
@@ -320,6 +322,55 @@ def test_round_trip_of_a_float32_buffer_at_the_default_chunk_size() -> None:
     dst = torch.empty_like(src)
     assemble(first_header(chunks), chunks, memoryview(dst.numpy()).cast("B"))
     assert torch.equal(dst, src)
+
+
+# --- join_message / split_message: one push in one StateMessage (PushMessage) ----------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(payload=st.binary(max_size=200), chunk_bytes=st.integers(1, 300))
+def test_a_joined_message_is_protobufs_state_message(payload: bytes, chunk_bytes: int) -> None:
+    raws = list(split_for_streaming(_header(len(payload)), memoryview(payload), chunk_bytes))
+    joined = join_message(raws)
+    reference = pb.StateMessage(chunks=[pb.StateChunk.FromString(r) for r in raws])
+    assert joined == reference.SerializeToString()
+    assert [bytes(v) for v in split_message(joined)] == raws
+    # and what split_message yields reassembles into the payload
+    chunks = iter(decode_chunk(v) for v in split_message(joined))
+    assert first_header(chunks) == _header(len(payload))
+    assert _receive(len(payload), chunks, chunk_bytes) == payload
+
+
+def test_a_large_joined_message_is_built_outside_the_gil_and_still_exact() -> None:
+    payload = memoryview(torch.randn(wire.CHUNK_BYTES // 4).numpy()).cast("B")
+    raws = list(split_for_streaming(_header(len(payload)), payload))
+    assert len(raws) == 2 and len(raws[1]) > wire._UNLOCKED_COPY_BYTES
+    joined = join_message(raws)
+    assert (
+        joined
+        == pb.StateMessage(chunks=[pb.StateChunk.FromString(r) for r in raws]).SerializeToString()
+    )
+
+
+def test_split_message_skips_unknown_fields() -> None:
+    raws = list(split_for_streaming(_header(5), memoryview(b"abcde"), SMALL))
+    unknown = bytes([2 << 3 | 0, 5, 3 << 3 | 5, 1, 2, 3, 4, 4 << 3 | 2, 2, 9, 9])
+    assert [bytes(v) for v in split_message(unknown + join_message(raws) + unknown)] == raws
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        bytes([1 << 3 | 2, 10, 1, 2]),  # a chunk longer than what is left
+        bytes([1 << 3 | 2, 0x80]),  # a truncated length
+        bytes([1 << 3 | 3]),  # a group: not in this format
+        bytes([2 << 3 | 1, 1, 2]),  # a fixed64 cut short
+    ],
+)
+def test_split_message_rejects_malformed_messages(raw: bytes) -> None:
+    with pytest.raises(Reject) as err:
+        list(split_message(raw))
+    assert err.value.kind == "invalid"
 
 
 def test_split_refuses_a_payload_of_another_size() -> None:

@@ -59,6 +59,12 @@ class StateChunk(_message.Message):
     crc32: int
     def __init__(self, header: _Optional[_Union[StateHeader, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
 
+class StateMessage(_message.Message):
+    __slots__ = ("chunks",)
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[StateChunk]
+    def __init__(self, chunks: _Optional[_Iterable[_Union[StateChunk, _Mapping]]] = ...) -> None: ...
+
 class PushAck(_message.Message):
     __slots__ = ("receiver_id", "duplicate")
     RECEIVER_ID_FIELD_NUMBER: _ClassVar[int]

@@ -41,6 +41,11 @@ class GossipStub:
                 request_serializer=gosgd__p2p_dot_v1_dot_gossip__pb2.StateChunk.SerializeToString,
                 response_deserializer=gosgd__p2p_dot_v1_dot_gossip__pb2.PushAck.FromString,
                 _registered_method=True)
+        self.PushMessage = channel.unary_unary(
+                '/gosgd_p2p.v1.Gossip/PushMessage',
+                request_serializer=gosgd__p2p_dot_v1_dot_gossip__pb2.StateMessage.SerializeToString,
+                response_deserializer=gosgd__p2p_dot_v1_dot_gossip__pb2.PushAck.FromString,
+                _registered_method=True)
         self.FetchState = channel.unary_stream(
                 '/gosgd_p2p.v1.Gossip/FetchState',
                 request_serializer=gosgd__p2p_dot_v1_dot_gossip__pb2.FetchRequest.SerializeToString,
@@ -68,6 +73,17 @@ class GossipServicer:
         committed to the inbox. Errors: INVALID_ARGUMENT (malformed stream or bad values),
         FAILED_PRECONDITION (other cluster, other model, node draining), RESOURCE_EXHAUSTED (inbox
         full, or too large), UNAUTHENTICATED (token). On any error nothing was committed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushMessage(self, request, context):
+        """The same push in one unary call: the chunks PushState would stream, in one message, with
+        the same checks, errors, commit and ack. Senders use it when the payload fits one chunk
+        (so the message stays within the message size limit): grpc's unary path costs both ends
+        far less than a stream. Nodes older than this call answer UNIMPLEMENTED; a sender then
+        uses PushState.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -103,6 +119,11 @@ def add_GossipServicer_to_server(servicer, server):
             'PushState': grpc.stream_unary_rpc_method_handler(
                     servicer.PushState,
                     request_deserializer=gosgd__p2p_dot_v1_dot_gossip__pb2.StateChunk.FromString,
+                    response_serializer=gosgd__p2p_dot_v1_dot_gossip__pb2.PushAck.SerializeToString,
+            ),
+            'PushMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushMessage,
+                    request_deserializer=gosgd__p2p_dot_v1_dot_gossip__pb2.StateMessage.FromString,
                     response_serializer=gosgd__p2p_dot_v1_dot_gossip__pb2.PushAck.SerializeToString,
             ),
             'FetchState': grpc.unary_stream_rpc_method_handler(
@@ -149,6 +170,33 @@ class Gossip:
             target,
             '/gosgd_p2p.v1.Gossip/PushState',
             gosgd__p2p_dot_v1_dot_gossip__pb2.StateChunk.SerializeToString,
+            gosgd__p2p_dot_v1_dot_gossip__pb2.PushAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gosgd_p2p.v1.Gossip/PushMessage',
+            gosgd__p2p_dot_v1_dot_gossip__pb2.StateMessage.SerializeToString,
             gosgd__p2p_dot_v1_dot_gossip__pb2.PushAck.FromString,
             options,
             channel_credentials,
