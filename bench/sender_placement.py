@@ -15,11 +15,13 @@ it (bench/sink.py); the pushes go out in one of these ways:
   process  the trainer copies its state into shared memory and signals a sender process over
            a pipe; that process streams it with grpc's sync API.
   unary    a probe, not a push: the thread of `thread` sends the same wire bytes as one unary
-           call (to the sink's health service, which reads and refuses them). The protocol
-           has no unary push; this bounds what one would cost the sender.
+           call to the sink's health service, which reads and refuses them: what a unary call
+           of that size costs apart from the push's handling (the node's own pushes of one
+           chunk go as the PushMessage call).
   receive  the other side of the same traffic: the trainer's node (p = 0) takes pushes that
-           another process sends it at --rate messages a second, and merges them (its server
-           threads run in the trainer's process, as in every node).
+           another process sends it with the node's client (PeerClient) at --rate messages a
+           second, and merges them (its server threads run in the trainer's process, as in
+           every node).
 The raw placements (thread, asyncio, process) send the same wire chunks (wire.split_for_
 streaming) and keep one push in flight: a draw that finds the sender busy is skipped. Every
 placement runs in a fresh trainer process, interleaved over the repeats; `none` (p = 0) is the
@@ -48,6 +50,7 @@ import torch.nn.functional as F
 from overhead import CLUSTER, _model, _result, sink  # bench/overhead.py, beside this script
 from report import write_json  # bench/report.py, beside this script
 
+from gosgd_p2p.client import PeerClient
 from gosgd_p2p.state import StateLayout, module_state
 from gosgd_p2p.v1 import gossip_pb2 as pb
 from gosgd_p2p.wire import PROTOCOL_VERSION, split_for_streaming
@@ -108,17 +111,17 @@ def pusher_process(address: str, model: str, rate: float, conn: Any) -> None:
     layout = StateLayout(module_state(_model(model, "cpu")))
     data = memoryview(bytearray(layout.nbytes))  # zeros: a valid state
     pushed = 0
-    with grpc.insecure_channel(address) as channel:
-        grpc.channel_ready_future(channel).result(timeout=TIMEOUT_S)
-        call = channel.stream_unary(METHOD, None, pb.PushAck.FromString)
-        conn.send("ready")
-        conn.recv()  # go
-        due = time.monotonic()
-        while not conn.poll(max(0.0, due - time.monotonic())):
-            pushed += 1
-            _send(call, layout, f"pusher-{os.getpid()}", pushed, data)
-            due = max(due + 1.0 / rate, time.monotonic() - 0.05)  # no catch-up burst
-        conn.recv()  # stop
+    client = PeerClient()  # the calls a node makes: PushMessage for a state of one chunk
+    client.push(address, _header(layout, f"pusher-{os.getpid()}", 0), data, TIMEOUT_S)
+    conn.send("ready")
+    conn.recv()  # go
+    due = time.monotonic()
+    while not conn.poll(max(0.0, due - time.monotonic())):
+        pushed += 1
+        client.push(address, _header(layout, f"pusher-{os.getpid()}", pushed), data, TIMEOUT_S)
+        due = max(due + 1.0 / rate, time.monotonic() - 0.05)  # no catch-up burst
+    conn.recv()  # stop
+    client.close()
     conn.send(pushed)
 
 
