@@ -55,6 +55,15 @@ def snapshot(node: GossipNode) -> list[torch.Tensor]:
     return [t.clone() for t in node.state]
 
 
+def push_header(node: GossipNode, message_id: int = 1) -> pb.StateHeader:
+    """The header of a push of weight 0.5 from a sender "x" that `node` will accept."""
+    return pb.StateHeader(
+        sender_id="x", message_id=message_id, weight=0.5, fingerprint=node.layout.fingerprint,
+        encoding=pb.ENCODING_FP32, payload_bytes=node.layout.nbytes, cluster="unit",
+        protocol_version=PROTOCOL_VERSION,
+    )  # fmt: skip
+
+
 def dead_address() -> str:
     """A loopback address nothing listens on (bound, then closed)."""
     with socket.socket() as s:
@@ -165,11 +174,7 @@ def test_duplicate_delivery_is_applied_once() -> None:
     a = GossipNode(make_model(), cfg("a", p=0.0))
     client = PeerClient()
     with a:
-        header = pb.StateHeader(
-            sender_id="x", message_id=7, weight=0.5, fingerprint=a.layout.fingerprint,
-            encoding=pb.ENCODING_FP32, payload_bytes=a.layout.nbytes, cluster="unit",
-            protocol_version=PROTOCOL_VERSION,
-        )  # fmt: skip
+        header = push_header(a, message_id=7)
         payload = memoryview(torch.zeros(a.layout.numel).numpy()).cast("B")
         first = client.push(a.address, header, payload, timeout=10)
         second = client.push(a.address, header, payload, timeout=10)
@@ -182,11 +187,7 @@ def test_malformed_and_truncated_streams_get_invalid_argument() -> None:
     a = GossipNode(make_model(), cfg("a", p=0.0))
     channel = grpc.insecure_channel(a.address)
     push = channel.stream_unary("/gosgd_p2p.v1.Gossip/PushState", request_serializer=None)
-    header = pb.StateHeader(
-        sender_id="x", message_id=1, weight=0.5, fingerprint=a.layout.fingerprint,
-        encoding=pb.ENCODING_FP32, payload_bytes=a.layout.nbytes, cluster="unit",
-        protocol_version=PROTOCOL_VERSION,
-    )  # fmt: skip
+    header = push_header(a)
     with a:
         before = snapshot(a)
         cases = {
@@ -209,11 +210,7 @@ def test_malformed_and_truncated_push_messages_get_invalid_argument() -> None:
     a = GossipNode(make_model(), cfg("a", p=0.0))
     channel = grpc.insecure_channel(a.address)
     push = channel.unary_unary("/gosgd_p2p.v1.Gossip/PushMessage", request_serializer=None)
-    header = pb.StateHeader(
-        sender_id="x", message_id=1, weight=0.5, fingerprint=a.layout.fingerprint,
-        encoding=pb.ENCODING_FP32, payload_bytes=a.layout.nbytes, cluster="unit",
-        protocol_version=PROTOCOL_VERSION,
-    )  # fmt: skip
+    header = push_header(a)
     payload = memoryview(torch.zeros(a.layout.numel).numpy()).cast("B")
     whole = list(split_for_streaming(header, payload))
     with a:
