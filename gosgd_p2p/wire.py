@@ -205,45 +205,52 @@ def decode_chunk(raw: bytes | memoryview) -> Chunk:
     Raises Reject("invalid", ...) on malformed input. Unknown fields are skipped, as protobuf
     does, so a newer sender may add fields.
     """
-    buf = memoryview(raw)
-    pos = 0
     header = None
     offset = 0
     data: bytes | memoryview = memoryview(b"")
     crc = None
-    while pos < len(buf):
-        key, pos = _read_varint(buf, pos)
-        field, wire_type = key >> 3, key & 7
-        if wire_type == 0:
-            value, pos = _read_varint(buf, pos)
+    for field, value in _fields(memoryview(raw), "malformed_chunk", "chunk"):
+        if isinstance(value, int):
             if field == 2:
                 offset = value
             elif field == 4:
                 if value > 0xFFFFFFFF:
                     raise Reject("invalid", "malformed_chunk", "crc32 does not fit 32 bits")
                 crc = value
+        elif field == 1:
+            try:
+                header = pb.StateHeader.FromString(bytes(value))
+            except Exception as err:  # protobuf raises DecodeError and friends
+                raise Reject("invalid", "malformed_header", f"bad header: {err}") from None
+        elif field == 3:
+            data = value
+    return Chunk(header=header, offset=offset, data=data, crc32=crc)
+
+
+def _fields(buf: memoryview, counter: str, what: str) -> Iterator[tuple[int, int | memoryview]]:
+    """The varint and length-delimited fields of a serialized protobuf message, in order: (field
+    number, value or view into `buf`). Fixed-width fields are skipped, as unknown ones; malformed
+    input raises Reject("invalid", counter, ...) when it is reached."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _read_varint(buf, pos)
+        field, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            value, pos = _read_varint(buf, pos)
+            yield field, value
         elif wire_type == 2:
             length, pos = _read_varint(buf, pos)
             end = pos + length
             if end > len(buf):
-                raise Reject("invalid", "malformed_chunk", "field runs past the end of the chunk")
-            if field == 1:
-                try:
-                    header = pb.StateHeader.FromString(bytes(buf[pos:end]))
-                except Exception as err:  # protobuf raises DecodeError and friends
-                    raise Reject("invalid", "malformed_header", f"bad header: {err}") from None
-            elif field == 3:
-                data = buf[pos:end]
+                raise Reject("invalid", counter, f"field runs past the end of the {what}")
+            yield field, buf[pos:end]
             pos = end
-        elif wire_type == 1:
-            pos += 8
-        elif wire_type == 5:
-            pos += 4
+        elif wire_type in (1, 5):
+            pos += 8 if wire_type == 1 else 4
+            if pos > len(buf):
+                raise Reject("invalid", counter, f"field runs past the end of the {what}")
         else:
-            raise Reject("invalid", "malformed_chunk", f"unsupported wire type {wire_type}")
-        if pos > len(buf):
-            raise Reject("invalid", "malformed_chunk", "field runs past the end of the chunk")
-    return Chunk(header=header, offset=offset, data=data, crc32=crc)
+            raise Reject("invalid", counter, f"unsupported wire type {wire_type}")
 
 
 def split_for_streaming(
@@ -287,28 +294,9 @@ def split_message(raw: bytes | memoryview) -> Iterator[memoryview]:
 
     Raises Reject("invalid", ...) when it reaches malformed input; unknown fields are skipped.
     """
-    buf = memoryview(raw)
-    pos = 0
-    while pos < len(buf):
-        key, pos = _read_varint(buf, pos)
-        field, wire_type = key >> 3, key & 7
-        if wire_type == 0:
-            _, pos = _read_varint(buf, pos)
-            continue
-        if wire_type == 2:
-            length, pos = _read_varint(buf, pos)
-            end = pos + length
-            if end > len(buf):
-                raise Reject("invalid", "malformed_message", "chunk runs past the message's end")
-            if field == 1:
-                yield buf[pos:end]
-            pos = end
-        elif wire_type in (1, 5):
-            pos += 8 if wire_type == 1 else 4
-            if pos > len(buf):
-                raise Reject("invalid", "malformed_message", "field runs past the message's end")
-        else:
-            raise Reject("invalid", "malformed_message", f"unsupported wire type {wire_type}")
+    for field, value in _fields(memoryview(raw), "malformed_message", "message"):
+        if field == 1 and isinstance(value, memoryview):
+            yield value
 
 
 # --- reassembly -------------------------------------------------------------------------------
