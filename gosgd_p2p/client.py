@@ -57,6 +57,18 @@ class PushFailed(Exception):
         self.maybe_delivered = maybe_delivered
 
 
+def _failed(err: grpc.RpcError, all_sent: bool) -> PushFailed:
+    """The PushFailed for a push call that ended with `err`; `all_sent`: its last chunk was
+    handed to gRPC. It may have been delivered only then, once connected, and when the status
+    is not one our server gives before committing."""
+    code = err.code()
+    # A connection that was never made delivered nothing, however many chunks gRPC had already
+    # taken into its buffers (a small message is taken whole at once).
+    never_connected = "failed to connect" in (err.details() or "").lower()
+    maybe = all_sent and code not in NOT_DELIVERED and not never_connected
+    return PushFailed(code, err.details() or "", maybe)
+
+
 class _Unimplemented(Exception):
     """The peer has no PushMessage (a node older than it)."""
 
@@ -153,13 +165,10 @@ class PeerClient:
             ack: pb.PushAck = call(request, timeout=timeout, metadata=self._metadata)
             return ack
         except grpc.RpcError as err:
-            code = err.code()
-            if code == grpc.StatusCode.UNIMPLEMENTED:
+            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
                 raise _Unimplemented from None
             # the whole message is handed to gRPC at once: once connected, it may have arrived
-            never_connected = "failed to connect" in (err.details() or "").lower()
-            maybe = code not in NOT_DELIVERED and not never_connected
-            raise PushFailed(code, err.details() or "", maybe) from None
+            raise _failed(err, all_sent=True) from None
 
     def push_chunks(self, address: str, chunks: Iterator[bytes], timeout: float) -> pb.PushAck:
         """Stream already-encoded chunks as one PushState call; raise PushFailed on failure."""
@@ -167,12 +176,7 @@ class PeerClient:
         try:
             return self.stream_raw(address, iter(tracked), timeout)
         except grpc.RpcError as err:
-            code = err.code()
-            # A connection that was never made delivered nothing, however many chunks gRPC
-            # had already taken into its buffers (a small message is taken whole at once).
-            never_connected = "failed to connect" in (err.details() or "").lower()
-            maybe = tracked.last_taken and code not in NOT_DELIVERED and not never_connected
-            raise PushFailed(code, err.details() or "", maybe) from None
+            raise _failed(err, all_sent=tracked.last_taken) from None
 
     def stream_raw(self, address: str, chunks: Iterator[bytes], timeout: float) -> pb.PushAck:
         """One PushState call with these wire chunks; raises grpc.RpcError (fault injection)."""
