@@ -19,12 +19,12 @@ import argparse
 import multiprocessing as mp
 import socket
 import statistics
-import time
 from typing import Any
 
 import torch
 from report import write_json  # bench/report.py, beside this script
 from sink import release_unmerged  # bench/sink.py
+from timing import times_s  # bench/timing.py
 
 
 class Flat(torch.nn.Module):
@@ -92,17 +92,6 @@ def receiver(nbytes: int, ready: Any, stop: Any) -> None:
     node.close()
 
 
-def _times_s(fn: Any, repeats: int) -> list[float]:
-    """Wall seconds of `repeats` calls of fn(), after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return times
-
-
 def measure(nbytes: int, chunk_sizes: list[int], repeats: int) -> dict[str, Any]:
     import grpc
 
@@ -129,12 +118,12 @@ def measure(nbytes: int, chunk_sizes: list[int], repeats: int) -> dict[str, Any]
                 conn.sendall(view)
                 assert conn.recv(1) == b"k"
 
-            raw_s = _times_s(raw, repeats)
+            raw_s = times_s(raw, repeats)
 
         channel = grpc.insecure_channel(f"127.0.0.1:{bare_port}", options=grpc_options())
         sink = channel.stream_unary("/bench/Sink")
         messages = [bytes(view[i : i + (1 << 20)]) for i in range(0, nbytes, 1 << 20)]
-        bare_s = _times_s(lambda: sink(iter(messages), timeout=120), repeats)
+        bare_s = times_s(lambda: sink(iter(messages), timeout=120), repeats)
         channel.close()
 
         client = PeerClient()
@@ -148,7 +137,7 @@ def measure(nbytes: int, chunk_sizes: list[int], repeats: int) -> dict[str, Any]
             )  # fmt: skip
             client.push(address, header, view, timeout=120, chunk_bytes=chunk_bytes)
 
-        push_s = {c: _times_s(lambda c=c: push(c), repeats) for c in chunk_sizes}
+        push_s = {c: times_s(lambda c=c: push(c), repeats) for c in chunk_sizes}
         client.close()
     finally:
         stop.set()

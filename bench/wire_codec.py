@@ -12,11 +12,11 @@ Prints a table with ratios and writes JSON. Usage: python bench/wire_codec.py [-
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import torch
 from report import write_json  # bench/report.py, beside this script
+from timing import times_s  # bench/timing.py
 
 from gosgd_p2p.models import build_model
 from gosgd_p2p.state import StateLayout, module_state
@@ -26,13 +26,7 @@ from gosgd_p2p.wire import CHUNK_BYTES, Chunk, decode_chunk, encode_chunk
 
 def best_of(fn: Callable[[], None], repeats: int) -> float:
     """Fastest of `repeats` timed calls, in seconds (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(times_s(fn, repeats))
 
 
 def codec_round_trip(size: int, repeats: int) -> dict[str, float]:
