@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     gossip.add_argument("--push-timeout", type=float, default=node.push_timeout_s, help="seconds")
     gossip.add_argument(
+        "--send-process",
+        action="store_true",
+        help="make pushes in a child process, so gRPC's Python work does not hold the GIL "
+        "the training thread needs (small, fast models; Linux)",
+    )
+    gossip.add_argument(
         "--wait-for-peers", type=int, default=train.wait_for_peers, help="wait for N live peers"
     )
     gossip.add_argument("--wait-timeout", type=float, default=train.wait_timeout_s)
@@ -124,6 +130,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[NodeConfig, TrainConfig
         "send_buffers": args.send_buffers,
         "chunk_bytes": args.chunk_kib << 10,
         "push_timeout_s": args.push_timeout,
+        "send_process": args.send_process,
         "token_file": args.token_file,
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,

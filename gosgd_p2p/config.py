@@ -79,6 +79,7 @@ class NodeConfig:
     server_workers: int = 16  # gRPC server threads (concurrent incoming calls)
     tune_malloc: bool = True  # keep glibc from unmapping each received chunk (gosgd_p2p.malloc)
     chunk_bytes: int = CHUNK_BYTES  # payload bytes per streamed chunk, 4 KiB .. 4 MiB
+    send_process: bool = False  # make pushes in a child process, off the training GIL (Linux)
     token_file: str | None = None  # file holding the cluster secret; None: no token
     tls_cert: str | None = None  # this node's certificate (PEM); with tls_key, tls_ca: mTLS
     tls_key: str | None = None  # its private key (PEM)

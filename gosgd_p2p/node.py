@@ -41,6 +41,7 @@ from gosgd_p2p.malloc import tune_malloc
 from gosgd_p2p.metrics import Counters
 from gosgd_p2p.peers import PeerTable
 from gosgd_p2p.security import Credentials
+from gosgd_p2p.sendproc import SendProcessClient
 from gosgd_p2p.server import GossipServer
 from gosgd_p2p.staging import Staging
 from gosgd_p2p.state import BufferPool, StateLayout, all_finite, module_state
@@ -128,7 +129,21 @@ class GossipNode:
         self._closed = False
 
         pin = self.device.type == "cuda"
-        self._send_pool = BufferPool(self.layout.numel, cfg.send_buffers, pin=pin)
+        credentials = Credentials.from_files(cfg.token_file, cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
+        if cfg.send_process:
+            if client is not None:
+                raise ValueError("send_process makes its own client: do not pass client=")
+            # the send buffers are shared with the child process that makes the pushes
+            client = SendProcessClient(
+                credentials, self.layout.nbytes, cfg.send_buffers, tune_malloc=cfg.tune_malloc
+            )
+            if pin:
+                client.pin_buffers()
+            self._send_pool = BufferPool(
+                self.layout.numel, cfg.send_buffers, buffers=client.buffers
+            )
+        else:
+            self._send_pool = BufferPool(self.layout.numel, cfg.send_buffers, pin=pin)
         self._recv_pool = BufferPool(self.layout.numel, cfg.inbox_size, pin=pin)
         self._staging = Staging(self.layout, self._tensors)
         self.inbox = Inbox()
@@ -145,7 +160,6 @@ class GossipNode:
         self._partners_lock = threading.Lock()
         self._alone_logged = False
 
-        credentials = Credentials.from_files(cfg.token_file, cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
         # `client` lets tests and benchmarks inject faults (gosgd_p2p.faults)
         self._client = client or PeerClient(credentials)
         self._sender = ThreadPoolExecutor(cfg.send_buffers, thread_name_prefix="gosgd-send")
@@ -155,9 +169,13 @@ class GossipNode:
         self._meet = threading.Event()  # wakes the membership thread early
         self._rng_membership = random.Random(seed + 1)  # the training thread owns self._rng
         self._peers_ready = threading.Event()  # Hello waits for the peer table to exist
-        self._server = GossipServer(
-            self, cfg.listen, cfg.server_workers, credentials, cfg.receive_timeout_s
-        )
+        try:
+            self._server = GossipServer(
+                self, cfg.listen, cfg.server_workers, credentials, cfg.receive_timeout_s
+            )
+        except BaseException:
+            self._client.close()  # a send process among others
+            raise
         self._discovery: MdnsDiscovery | None = None
         try:
             listen_host, _ = parse_address(cfg.listen)
@@ -352,8 +370,18 @@ class GossipNode:
             inbox=len(self.inbox),
             last_distance=self.last_distance,
             partners=self.partners(),
+            send_process=self.send_process_pid,
         )
         return out
+
+    @property
+    def send_process_pid(self) -> int | None:
+        """The process id of the child that makes this node's pushes (send_process), while it
+        runs; None without one, or once it is gone (pushes then go from this process)."""
+        client = self._client
+        if isinstance(client, SendProcessClient) and client.alive:
+            return client.pid
+        return None
 
     def partners(self) -> list[str]:
         """Ids of the nodes this node has pushed to or received from (at most 1024 kept)."""

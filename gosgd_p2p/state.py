@@ -105,14 +105,24 @@ class BufferPool:
     and from a CUDA device). Thread-safe.
     """
 
-    def __init__(self, numel: int, capacity: int, *, pin: bool = False) -> None:
+    def __init__(
+        self,
+        numel: int,
+        capacity: int,
+        *,
+        pin: bool = False,
+        buffers: list[torch.Tensor] | None = None,
+    ) -> None:
         if capacity < 1:
             raise ValueError("a buffer pool needs a capacity of at least 1")
         self.numel = numel
         self.capacity = capacity
         self._pin = pin
-        self._free: list[torch.Tensor] = []
-        self._allocated = 0
+        # `buffers`: the pool's memory, allocated by the caller (shared memory, see sendproc)
+        self._free: list[torch.Tensor] = list(buffers or [])
+        if any(b.numel() != numel for b in self._free) or len(self._free) > capacity:
+            raise ValueError(f"give at most {capacity} buffers of {numel} elements")
+        self._allocated = len(self._free)
         self._lock = threading.Lock()
 
     def acquire(self) -> torch.Tensor | None:

@@ -59,9 +59,10 @@ def test_runtime_errors_are_one_line_too(tmp_path) -> None:
 def test_flags_map_onto_the_configs() -> None:
     args = build_parser().parse_args(
         ["--peers", "10.0.0.1:5000, 10.0.0.2:5000", "--p", "0.25", "--shard", "1/4", "--lr", "0.1",
-         "--chunk-kib", "256"]
+         "--chunk-kib", "256", "--send-process"]
     )  # fmt: skip
     node, train = configs_from_args(args)
+    assert node.send_process
     assert node.peers == ["10.0.0.1:5000", "10.0.0.2:5000"]
     assert node.p == 0.25 and train.shard == "1/4" and train.lr == 0.1
     assert node.chunk_bytes == 256 << 10

@@ -1,0 +1,322 @@
+"""Pushes sent from a process of their own (NodeConfig.send_process, `--send-process`).
+
+Why: gRPC's Python code runs under the GIL, which the sender threads share with the training
+thread. For a small, fast model that is most of what gossip costs: bench/sender_placement
+measured 0.9-1.1 ms of training lost per push sent from the node's threads, against 0.2-0.3 ms
+for the same pushes sent by another process. With send_process the node's send buffers are
+shared memory (memfd), and a push is a small request over a Unix socket to a child process,
+which makes the gRPC call straight from that memory and answers with the ack or the failure.
+The node's sender thread waits for the answer in a blocking read, which holds no GIL.
+Everything else (the server, ResolvePush, membership, the inbox, the weight) stays in the node;
+the child holds no weight and no state of its own.
+
+Failures keep the weight exact. If the child dies while it makes a push, that push may or may
+not have reached its receiver: it fails as "maybe delivered", and the node settles it with
+ResolvePush, as any lost ack. A push the child never took certainly failed, and comes back.
+Once the child is gone, pushes go from the node's own threads (the log says so once). When the
+node's process dies, the child reads end-of-file and exits.
+
+Run as `python -m gosgd_p2p.sendproc SPEC` by SendProcessClient only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import pickle
+import queue
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import numpy as np
+
+from gosgd_p2p.client import PeerClient, PushFailed
+from gosgd_p2p.security import Credentials
+from gosgd_p2p.v1 import gossip_pb2 as pb
+from gosgd_p2p.wire import CHUNK_BYTES
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["SendProcessClient"]
+
+log = logging.getLogger(__name__)
+
+#: Longest wait for the child to start (import grpc, map the buffers), seconds.
+START_TIMEOUT_S = 60.0
+#: A push answer may come this long after the push's own deadline before the child is
+#: presumed hung (and killed), seconds.
+ANSWER_MARGIN_S = 10.0
+#: Largest control record (a request or an answer: a header, an address, an ack).
+RECORD_BYTES = 1 << 16
+
+
+class SendProcessClient(PeerClient):
+    """A PeerClient whose pushes from its shared `buffers` are made by a child process.
+
+    `buffers` are `count` flat float32 tensors of `nbytes` bytes in shared memory: the node's
+    send pool. A push of any other memory, or once the child is gone, runs here as in
+    PeerClient. Every other call (Hello, ResolvePush, FetchState) runs here: they are rare.
+    """
+
+    def __init__(
+        self,
+        credentials: Credentials | None,
+        nbytes: int,
+        count: int,
+        *,
+        tune_malloc: bool = True,
+    ) -> None:
+        import torch  # here, not above: the child process never needs it
+
+        super().__init__(credentials)
+        self.nbytes = nbytes
+        self.buffers: list[torch.Tensor] = []
+        memfds: list[int] = []
+        ours: list[socket.socket] = []
+        theirs: list[socket.socket] = []
+        try:
+            for i in range(count):
+                fd = os.memfd_create(f"gosgd-send-{i}")
+                memfds.append(fd)
+                os.ftruncate(fd, nbytes)
+                self.buffers.append(torch.frombuffer(mmap.mmap(fd, nbytes), dtype=torch.float32))
+            # one socket pair for control (start, forget), one per push that may run at once
+            for _ in range(count + 2):
+                a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                ours.append(a)
+                theirs.append(b)
+            spec = {
+                "control": theirs[0].fileno(),
+                "pushers": [s.fileno() for s in theirs[1:]],
+                "buffers": memfds,
+                "nbytes": nbytes,
+                "tune_malloc": tune_malloc,
+                "log_level": logging.getLogger("gosgd_p2p").getEffectiveLevel(),
+            }
+            env = dict(os.environ)
+            package_root = str(Path(__file__).resolve().parent.parent)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "gosgd_p2p.sendproc", json.dumps(spec)],
+                pass_fds=[*memfds, *(s.fileno() for s in theirs)],
+                env=env,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            for fd in memfds:
+                os.close(fd)  # the maps (ours) and the child's inherited copies keep them
+            for s in theirs:
+                s.close()
+        self._control = ours[0]
+        self._control_lock = threading.Lock()
+        self._free: queue.Queue[socket.socket] = queue.Queue()
+        for s in ours[1:]:
+            self._free.put(s)
+        self._sockets = ours
+        self._index = {t.data_ptr(): i for i, t in enumerate(self.buffers)}
+        self._dead = False
+        self._dead_lock = threading.Lock()
+        self._pinned: list[int] = []  # buffers page-locked for CUDA (pin_buffers)
+        self._control.settimeout(START_TIMEOUT_S)
+        try:
+            self._control.send(pickle.dumps(credentials or Credentials()))
+            ready = self._control.recv(RECORD_BYTES)
+        except OSError:
+            ready = b""
+        if ready != b"ready":
+            self._stop_child()
+            raise RuntimeError(
+                f"the send process did not start (exit code {self._proc.poll()}); "
+                "see its error above"
+            )
+        self._control.settimeout(None)
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        return self._proc.pid
+
+    @property
+    def alive(self) -> bool:
+        """Whether pushes still go through the child."""
+        return not self._dead
+
+    def pin_buffers(self) -> None:
+        """Page-lock the buffers, so a snapshot's copy from a CUDA device into them runs
+        asynchronously on its side stream; without it the copy would hold the training thread."""
+        import torch
+
+        cudart = torch.cuda.cudart()
+        for buf in self.buffers:
+            error = int(cudart.cudaHostRegister(buf.data_ptr(), self.nbytes, 0))
+            if error != 0:
+                log.warning("cannot page-lock the send buffers (CUDA error %d): copies wait", error)
+                return
+            self._pinned.append(buf.data_ptr())
+
+    def push(
+        self,
+        address: str,
+        header: pb.StateHeader,
+        payload: memoryview,
+        timeout: float,
+        chunk_bytes: int = CHUNK_BYTES,
+    ) -> pb.PushAck:
+        """As PeerClient.push; made by the child when `payload` is one of `buffers`."""
+        index = self._buffer_index(payload)
+        if index is None or self._dead:
+            return super().push(address, header, payload, timeout, chunk_bytes)
+        request = ("push", address, header.SerializeToString(), index, timeout, chunk_bytes)
+        conn = self._free.get()
+        try:
+            conn.settimeout(timeout + ANSWER_MARGIN_S)
+            try:
+                conn.send(pickle.dumps(request))
+            except OSError as err:  # the child is gone and never took this push
+                self._lost_child(f"cannot reach it: {err}")
+                return super().push(address, header, payload, timeout, chunk_bytes)
+            try:
+                answer = conn.recv(RECORD_BYTES)
+            except TimeoutError:
+                self._lost_child("no answer past the push deadline; killed it")
+                answer = b""
+            except OSError as err:
+                self._lost_child(str(err))
+                answer = b""
+        finally:
+            self._free.put(conn)
+        if not answer:
+            self._lost_child("it exited during a push")
+            raise PushFailed(grpc.StatusCode.UNKNOWN, "the send process died during the push", True)
+        kind, *rest = pickle.loads(answer)
+        if kind == "ack":
+            return pb.PushAck.FromString(rest[0])
+        if kind == "failed":
+            code_name, details, maybe = rest
+            raise PushFailed(grpc.StatusCode[code_name], details, maybe)
+        raise RuntimeError(f"the send process failed a push: {rest[0]}")
+
+    def forget(self, address: str) -> None:
+        super().forget(address)
+        if not self._dead:
+            try:
+                with self._control_lock:
+                    self._control.send(pickle.dumps(("forget", address)))
+            except OSError as err:
+                self._lost_child(str(err))
+
+    def close(self) -> None:
+        """Close every channel and stop the child (it finishes no push: call after the node's
+        senders are done)."""
+        super().close()
+        self._stop_child()
+        if self._pinned:
+            import torch
+
+            cudart = torch.cuda.cudart()
+            for address in self._pinned:
+                cudart.cudaHostUnregister(address)
+            self._pinned.clear()
+
+    def _buffer_index(self, payload: memoryview) -> int | None:
+        if payload.nbytes != self.nbytes:
+            return None
+        address = int(np.frombuffer(payload, dtype=np.uint8).ctypes.data)
+        return self._index.get(address)
+
+    def _lost_child(self, why: str) -> None:
+        with self._dead_lock:
+            if self._dead:
+                return
+            self._dead = True
+        self._proc.kill()  # no-op when it already exited; ends a hung one
+        code = self._proc.wait()
+        log.error(
+            "send process %d is gone (%s; exit code %s): pushes now go from this process",
+            self._proc.pid,
+            why,
+            code,
+        )
+
+    def _stop_child(self) -> None:
+        self._dead = True
+        for s in self._sockets:
+            s.close()  # the child reads end-of-file and exits
+        try:
+            self._proc.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+
+# --- the child -------------------------------------------------------------------------------
+
+
+def _serve_pushes(conn: socket.socket, client: PeerClient, views: list[memoryview]) -> None:
+    """Make the pushes asked for on `conn`, one at a time, until the node closes it."""
+    while True:
+        try:
+            request = conn.recv(RECORD_BYTES)
+        except OSError:
+            return
+        if not request:
+            return
+        _, address, header_bytes, index, timeout, chunk_bytes = pickle.loads(request)
+        try:
+            header = pb.StateHeader.FromString(header_bytes)
+            ack = client.push(address, header, views[index], timeout, chunk_bytes)
+            answer: tuple[Any, ...] = ("ack", ack.SerializeToString())
+        except PushFailed as err:
+            answer = ("failed", err.code.name, err.details, err.maybe_delivered)
+        except Exception as err:  # reported to the node, which takes the weight back
+            log.exception("push to %s failed unexpectedly", address)
+            answer = ("error", f"{type(err).__name__}: {err}")
+        try:
+            conn.send(pickle.dumps(answer))
+        except OSError:
+            return
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    logging.basicConfig(
+        level=spec["log_level"],
+        format="%(asctime)s gosgd-send[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    if spec["tune_malloc"]:
+        from gosgd_p2p.malloc import tune_malloc
+
+        tune_malloc()
+    control = socket.socket(fileno=spec["control"])
+    credentials = pickle.loads(control.recv(RECORD_BYTES))
+    nbytes = spec["nbytes"]
+    views = [memoryview(mmap.mmap(fd, nbytes)) for fd in spec["buffers"]]
+    client = PeerClient(credentials)
+    for fd in spec["pushers"]:
+        conn = socket.socket(fileno=fd)
+        threading.Thread(target=_serve_pushes, args=(conn, client, views), daemon=True).start()
+    control.send(b"ready")
+    while True:
+        try:
+            request = control.recv(RECORD_BYTES)
+        except OSError:
+            request = b""
+        if not request:
+            break  # the node closed us, or died
+        kind, address = pickle.loads(request)
+        if kind == "forget":
+            client.forget(address)
+    client.close()  # fails the pushes still running; the node settles them
+    os._exit(0)  # without waiting for daemon threads blocked in gRPC calls
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""send_process: pushes made by a child process, and what happens when either process dies."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import node_config, wait_until
+
+from gosgd_p2p import GossipNode, cluster_seed
+from gosgd_p2p.client import PeerClient
+from gosgd_p2p.models import build_model
+from gosgd_p2p.v1 import gossip_pb2 as pb
+from gosgd_p2p.wire import Chunk
+
+pytestmark = pytest.mark.timeout(180)
+
+CLUSTER = "sendproc"
+
+
+def model() -> torch.nn.Module:
+    torch.manual_seed(cluster_seed(CLUSTER))
+    return build_model("mlp", (1, 8, 8), 10)
+
+
+def train(node: GossipNode) -> None:
+    """One local step that moves x, so every push carries a different state."""
+    with torch.no_grad():
+        for t in node.state:
+            t.add_(0.01)
+    node.step()
+
+
+def train_both(a: GossipNode, b: GossipNode) -> None:
+    train(a)
+    train(b)  # merges what b received: a full inbox would refuse a's pushes
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie counts: it runs no more code)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_pushes_go_through_the_child_and_keep_the_weight_exact() -> None:
+    b = GossipNode(model(), node_config("b", CLUSTER, p=0.5))
+    a = GossipNode(model(), node_config("a", CLUSTER, p=1.0, peers=[b.address], send_process=True))
+    with a, b:
+        child = a.send_process_pid
+        assert child is not None and child != os.getpid() and not gone(child)
+
+        def traded() -> bool:
+            train(a)
+            train(b)
+            return a.counters.get("pushes_acked") >= 20 and b.counters.get("pushes_acked") >= 5
+
+        wait_until(traded, 60, "20 pushes from a's child and 5 from b")
+        # pushes are made by the child: stopped, it holds every push of a in flight
+        os.kill(child, signal.SIGSTOP)
+        try:
+            acked = a.counters.get("pushes_acked")
+            wait_until(lambda: (train(a), a.in_flight == 2)[1], 30, "both send buffers in flight")
+            for _ in range(20):
+                train(a)
+            assert a.counters.get("pushes_acked") == acked
+        finally:
+            os.kill(child, signal.SIGCONT)
+        weights = [a.finish(), b.finish()]
+        assert a.counters.get("pushes_acked") > acked
+        assert a.counters.get("pushes_returned") == 0
+        assert math.isclose(sum(weights), 2.0, rel_tol=0, abs_tol=1e-12)
+        assert a.stats()["send_process"] == child
+    assert gone(child)  # close() stopped it
+
+
+def test_the_child_killed_during_a_push_loses_no_weight(caplog) -> None:
+    b = GossipNode(model(), node_config("b", CLUSTER, p=0.0))
+    holding, held, resume = threading.Event(), threading.Event(), threading.Event()
+    real_receive = b.receive_push
+
+    def held_receive(chunks: Iterator[Chunk], peer: str, active: Callable[[], bool]) -> pb.PushAck:
+        if holding.is_set():
+            held.set()
+            resume.wait(60)
+            # gRPC ends the call once it sees the connection gone; only then go on, so that
+            # b certainly refuses the message (were b quicker, it would commit it, and
+            # ResolvePush would say so: exact as well, but another path)
+            wait_until(lambda: not active(), 30, "b to see the call end")
+        return real_receive(chunks, peer, active)
+
+    b.receive_push = held_receive  # type: ignore[method-assign]
+    a = GossipNode(
+        model(),
+        node_config("a", CLUSTER, p=1.0, peers=[b.address], send_process=True, send_buffers=1),
+    )
+    with a, b:
+        child = a.send_process_pid
+        assert child is not None
+        received = b.counters.get
+        wait_until(lambda: (train_both(a, b), received("pushes_received") >= 3)[1], 60, "3 pushes")
+        holding.set()  # the next push reaches b and waits there, its call open
+        wait_until(lambda: (train_both(a, b), held.is_set())[1], 60, "a push held at b")
+        holding.clear()
+        os.kill(child, signal.SIGKILL)  # the call dies with the child; b has not committed it
+        resume.set()
+        # a learns it from its blocked read, settles the push with ResolvePush (b never
+        # committed it, so the weight comes home) and sends from its own threads from now on
+        settled = a.counters.get
+        wait_until(
+            lambda: (train_both(a, b), settled("pushes_resolved_aborted") == 1)[1],
+            60,
+            "the held push to settle",
+        )
+        assert a.send_process_pid is None
+        assert settled("pushes_returned") == 1 and settled("pushes_lost_with_peer") == 0
+        before = received("pushes_received")
+        wait_until(
+            lambda: (train_both(a, b), received("pushes_received") >= before + 3)[1],
+            60,
+            "3 pushes sent without the child",
+        )
+        weights = [a.finish(), b.finish()]
+        assert math.isclose(sum(weights), 2.0, rel_tol=0, abs_tol=1e-12)
+    assert "send process" in caplog.text and "is gone" in caplog.text
+
+
+def test_the_child_exits_when_its_node_is_killed(node_processes) -> None:
+    receiver = GossipNode(model(), node_config("r", CLUSTER, p=0.0))
+    with receiver:
+        sender = node_processes(
+            "s", "--model", "mlp", "--dataset", "digits", "--cluster", CLUSTER, "--no-mdns",
+            "--p", "1.0", "--steps", "1000000", "--eval-every", "0", "--send-process",
+            "--peers", receiver.address,
+        )  # fmt: skip
+        wait_until(lambda: receiver.counters.get("pushes_received") >= 3, 120, "3 pushes")
+        children = [pid for pid in _children(sender.proc.pid) if b"sendproc" in _cmdline(pid)]
+        assert len(children) == 1, sender.stderr()
+        sender.kill()
+        sender.wait(30)
+        wait_until(lambda: gone(children[0]), 30, "the send process to exit after its node")
+        receiver.finish()
+
+
+def test_send_process_makes_its_own_client() -> None:
+    with pytest.raises(ValueError, match="do not pass client="):
+        GossipNode(model(), node_config("c", CLUSTER, send_process=True), client=PeerClient())
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
