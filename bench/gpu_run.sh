@@ -44,11 +44,12 @@ step() {  # step NAME SECONDS COMMAND...: run one step under a time limit, log i
 print("torch", torch.__version__, "grpc", grpc.__version__, "protobuf", p.__version__,
       "isal", isal.__version__, "cuda", torch.cuda.is_available())'
     } 2>&1 | tee "$OUT/env.txt"
-    step tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_wire.py \
-        tests/test_node.py tests/test_malloc.py 2>&1 | tee "$OUT/pytest.txt" | tail -15
+    step tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_wire.py \
+        tests/test_node.py tests/test_malloc.py tests/test_send_process.py 2>&1 | tee "$OUT/pytest.txt" | tail -15
     step gpu_micro 60 "$PY" bench/gpu_micro.py --json "$OUT/gpu_micro.json"
-    step overhead 200 "$PY" bench/overhead.py --models resnet18 --device cuda --batch-size 128 \
-        --steps 200 --warmup 30 --chunks-kib 1024,4096 --json "$OUT/overhead_gpu.json"
+    step overhead 240 "$PY" bench/overhead.py --models resnet18 --device cuda --batch-size 128 \
+        --steps 200 --warmup 30 --chunks-kib 1024,4096 --send-process \
+        --json "$OUT/overhead_gpu.json"
     step transport 120 "$PY" bench/transport.py --sizes 16,64,256 --chunks-kib 1024,4096 \
         --repeats 5 --json "$OUT/transport_gpu_host.json"
     if [ -f bench/time_to_accuracy.py ]; then

@@ -1,6 +1,6 @@
 """Benchmark: what gossip costs the training loop, at p = 0, 0.1 and 1.0.
 
-    python bench/overhead.py [--models mlp,cnn] [--steps 300] [--json PATH]
+    python bench/overhead.py [--models mlp,cnn] [--steps 300] [--send-process] [--json PATH]
 
 For each model and p, a fresh process trains one node with the built-in loop shape (forward,
 backward, SGD step, node.step()) while a sink node in another process takes its pushes (and
@@ -18,6 +18,7 @@ import queue
 import resource
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,6 +79,7 @@ def trainer(args: dict[str, Any], out: Any) -> None:
             peers=[args["sink"]],
             mdns=False,
             chunk_bytes=args["chunk_bytes"],
+            send_process=args["send_process"],
         ),  # fmt: skip
     )
     cuda = device.startswith("cuda")
@@ -100,11 +102,21 @@ def trainer(args: dict[str, Any], out: Any) -> None:
         torch.cuda.synchronize()
     per_step = (time.perf_counter() - started) / args["steps"]
     pushes = node.counters.get("pushes_started")
+    child = node.send_process_pid
+    child_mb = _peak_rss_mb(child) if child is not None else 0.0
     node.finish()
     node.close()
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0
-    out.put((per_step, rss_mb, gpu_mb, pushes))
+    out.put((per_step, rss_mb, gpu_mb, pushes, child_mb))
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """Peak resident memory of process `pid` (VmHWM), MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def _result(proc: Any, out: Any, limit_s: float) -> Any:
@@ -129,23 +141,26 @@ def run(model: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     try:
         address = ready.get(timeout=120)
-        runs = [(0.0, CHUNK_BYTES)] + [(p, c) for c in args.chunk_sizes for p in (0.1, 1.0)]
-        for p, chunk_bytes in runs:
+        runs = [(0.0, CHUNK_BYTES, False)]
+        runs += [(p, c, False) for c in args.chunk_sizes for p in (0.1, 1.0)]
+        if args.send_process:
+            runs += [(p, CHUNK_BYTES, True) for p in (0.1, 1.0)]
+        for p, chunk_bytes, send_process in runs:
             out = ctx.Queue()
             job = {
                 "model": model, "p": p, "sink": address, "steps": args.steps,
                 "warmup": args.warmup, "device": args.device, "threads": args.threads,
                 "batch_size": args.batch_size, "switch_interval": args.switch_interval,
-                "chunk_bytes": chunk_bytes,
+                "chunk_bytes": chunk_bytes, "send_process": send_process,
             }  # fmt: skip
             proc = ctx.Process(target=trainer, args=(job, out))
             proc.start()
-            per_step, rss, gpu, pushes = _result(proc, out, limit_s=1800)
+            per_step, rss, gpu, pushes, child_mb = _result(proc, out, limit_s=1800)
             proc.join(60)
             rows.append(
                 {"model": model, "p": p, "chunk_kib": chunk_bytes >> 10, "step_s": per_step,
-                 "peak_rss_mb": rss,
-                 "peak_gpu_mb": gpu, "pushes": pushes}
+                 "peak_rss_mb": rss, "peak_gpu_mb": gpu, "pushes": pushes,
+                 "send_process": send_process, "send_process_rss_mb": child_mb}
             )  # fmt: skip
     finally:
         stop.set()
@@ -170,15 +185,21 @@ def main() -> None:
         help="sys.setswitchinterval of the trainer, seconds (0: Python's default, 0.005)",
     )  # fmt: skip
     parser.add_argument("--chunks-kib", default="1024", help="sender chunk sizes to try, KiB")
+    parser.add_argument(
+        "--send-process", action="store_true",
+        help="also run p = 0.1 and 1.0 with the pushes made by a child process (send_process)",
+    )  # fmt: skip
     parser.add_argument("--json", default="bench/results/overhead.json")
     args = parser.parse_args()
     args.chunk_sizes = [int(k) << 10 for k in args.chunks_kib.split(",")]
     rows = [r for m in args.models.split(",") for r in run(m, args)]
-    print(f"{'model':>9} {'p':>5} {'chunk':>9} {'step ms':>8} {'slowdown':>9} {'pushes':>7} "
-          f"{'peak RSS MB':>12} {'RSS ratio':>10} {'GPU MB':>7}")  # fmt: skip
+    print(f"{'model':>9} {'p':>5} {'sender':>6} {'chunk':>9} {'step ms':>8} {'slowdown':>9} "
+          f"{'pushes':>7} {'peak RSS MB':>12} {'RSS ratio':>10} {'GPU MB':>7}")  # fmt: skip
     for r in rows:
+        sender = f"+{r['send_process_rss_mb']:.0f}" if r["send_process"] else "node"
         print(
-            f"{r['model']:>9} {r['p']:>5} {r['chunk_kib']:>5} KiB {r['step_s'] * 1e3:>8.3f} "
+            f"{r['model']:>9} {r['p']:>5} {sender:>6} {r['chunk_kib']:>5} KiB "
+            f"{r['step_s'] * 1e3:>8.3f} "
             f"{r['slowdown']:>8.3f}x "
             f"{r['pushes']:>7} {r['peak_rss_mb']:>12.0f} {r['rss_ratio']:>9.2f}x "
             f"{r['peak_gpu_mb']:>7.0f}"

@@ -1,7 +1,8 @@
 """Benchmark: where the sender runs, and what each push costs the training loop there.
 
     python bench/sender_placement.py [--model mlp] [--p 0.1] [--steps 3000] [--repeats 5]
-        [--rate 200] [--json bench/results/sender_placement.json]
+        [--rate 200] [--placements node,sendproc,...] [--pin]
+        [--json bench/results/sender_placement.json]
 
 The overhead benchmark shows that a small, fast model (mlp: 104 KB state, 0.4 ms step) pays
 far more for gossip at p = 0.1 than a bigger one does. This asks why: is it the GIL the sender
@@ -10,6 +11,8 @@ CPU each push costs on a small machine (then it would not)? One trainer process 
 the overhead benchmark's loop while a sink node in another process takes every push and drops
 it (bench/sink.py); the pushes go out in one of these ways:
   node     the project's GossipNode at push probability p (its sender threads);
+  sendproc the same node with send_process: its pushes are made by a child process, from
+           shared send buffers (gosgd_p2p.sendproc);
   thread   one thread of the trainer streams the message with grpc's sync API;
   asyncio  an asyncio event loop on one thread of the trainer streams it with grpc.aio;
   process  the trainer copies its state into shared memory and signals a sender process over
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import multiprocessing as mp
 import os
@@ -55,7 +59,7 @@ from gosgd_p2p.state import StateLayout, module_state
 from gosgd_p2p.v1 import gossip_pb2 as pb
 from gosgd_p2p.wire import PROTOCOL_VERSION, split_for_streaming
 
-PLACEMENTS = ("none", "node", "thread", "asyncio", "process", "unary", "receive")
+PLACEMENTS = ("none", "node", "sendproc", "thread", "asyncio", "process", "unary", "receive")
 METHOD = "/gosgd_p2p.v1.Gossip/PushState"
 UNARY_PROBE = "/grpc.health.v1.Health/Check"
 TIMEOUT_S = 10.0
@@ -148,6 +152,7 @@ class _Raw:
             if not self._conn.poll(READY_TIMEOUT_S):  # spawn and imports: seconds
                 raise TimeoutError(f"sender process not ready in {READY_TIMEOUT_S:.0f} s")
             self._conn.recv()
+            self.pid = self._proc.pid
             self.close = self._close_process
             return
         self.flat = torch.empty(layout.numel)
@@ -225,6 +230,7 @@ class _Raw:
     def busy(self) -> bool:
         if self.placement == "process" and self._busy and self._conn.poll():
             self._conn.recv()
+            self.pid = self._proc.pid
             self._busy = False
         return self._busy
 
@@ -245,10 +251,24 @@ class _Raw:
             self.errors.append(RuntimeError(f"sender process exit code {self._proc.exitcode}"))
 
 
+def pin_all(pid: int, cpus: set[int]) -> None:
+    """Run every thread of process `pid` on `cpus` only (threads it starts later inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+            os.sched_setaffinity(int(tid), cpus)
+
+
+def other_cpus() -> set[int]:
+    """Every CPU of this machine but CPU 0, the trainer's under --pin."""
+    return set(range(1, os.cpu_count() or 2))
+
+
 def trainer(job: dict[str, Any], out: Any) -> None:
     """Train job["steps"] steps with the job's placement; put (mean step s, pushes)."""
     from gosgd_p2p import GossipNode, NodeConfig
 
+    if job["pin"]:
+        os.sched_setaffinity(0, {0})  # before any thread starts: they all inherit it
     torch.set_num_threads(1)
     model = _model(job["model"], "cpu")
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -259,11 +279,12 @@ def trainer(job: dict[str, Any], out: Any) -> None:
     layout = StateLayout(module_state(model))
     node = raw = None
     pusher = None
-    if placement in ("none", "node", "receive"):
+    if placement in ("none", "node", "sendproc", "receive"):
+        pushing = placement in ("node", "sendproc")
         node = GossipNode(
             model,
-            NodeConfig(node_id=f"t{os.getpid()}", cluster=CLUSTER, p=p if placement == "node"
-                       else 0.0, peers=[job["sink"]], mdns=False),
+            NodeConfig(node_id=f"t{os.getpid()}", cluster=CLUSTER, p=p if pushing else 0.0,
+                       peers=[job["sink"]], mdns=False, send_process=placement == "sendproc"),
         )  # fmt: skip
         if placement == "receive":
             ctx = mp.get_context("spawn")
@@ -275,8 +296,14 @@ def trainer(job: dict[str, Any], out: Any) -> None:
             if not pusher.poll(READY_TIMEOUT_S):
                 raise TimeoutError(f"pusher not ready in {READY_TIMEOUT_S:.0f} s")
             pusher.recv()
+            if job["pin"]:
+                pin_all(proc.pid, other_cpus())
+        if job["pin"] and node.send_process_pid is not None:
+            pin_all(node.send_process_pid, other_cpus())
     else:
         raw = _Raw(placement, job["sink"], job["model"], layout)
+        if job["pin"] and placement == "process":
+            pin_all(raw.pid, other_cpus())
     rng = random.Random(0)
     ids = itertools.count(1)
     pushes = 0
@@ -335,20 +362,36 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rate", type=float, default=200.0, help="receive: pushes a second")
+    parser.add_argument(
+        "--placements", default=",".join(PLACEMENTS), help="which to run; none always runs"
+    )
+    parser.add_argument(
+        "--pin", action="store_true",
+        help="the trainer on CPU 0; the sink, pusher and sender processes on the others, as if "
+        "the peers were other machines",
+    )  # fmt: skip
     parser.add_argument("--json", default="bench/results/sender_placement.json")
     args = parser.parse_args()
+    if args.pin and (os.cpu_count() or 1) < 2:
+        parser.error("--pin needs at least 2 CPUs")
+    chosen = ["none"] + [n for n in args.placements.split(",") if n in PLACEMENTS and n != "none"]
+    if unknown := set(args.placements.split(",")) - set(PLACEMENTS):
+        parser.error(f"unknown placements: {', '.join(sorted(unknown))}")
     ctx = mp.get_context("spawn")
     ready, stop = ctx.Queue(), ctx.Event()
     sink_proc = ctx.Process(target=sink, args=(args.model, ready, stop))
     sink_proc.start()
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in PLACEMENTS}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in chosen}
     try:
         address = ready.get(timeout=120)
+        if args.pin:
+            pin_all(sink_proc.pid, other_cpus())
         for _ in range(args.repeats):  # interleaved, so drift hits every placement alike
-            for placement in PLACEMENTS:
+            for placement in chosen:
                 out = ctx.Queue()
                 job = {"placement": placement, "p": args.p, "sink": address, "model": args.model,
-                       "steps": args.steps, "warmup": args.warmup, "rate": args.rate}  # fmt: skip
+                       "steps": args.steps, "warmup": args.warmup, "rate": args.rate,
+                       "pin": args.pin}  # fmt: skip
                 proc = ctx.Process(target=trainer, args=(job, out))
                 proc.start()
                 per_step, pushes = _result(proc, out, limit_s=600)
@@ -372,7 +415,7 @@ def main() -> None:
             f"{'-' if lost is None else format(lost, '.2f'):>13}"
         )
     write_json(args.json, "sender_placement", model=args.model, p=args.p, steps=args.steps,
-               receive_rate=args.rate, median=summary, runs=runs)  # fmt: skip
+               receive_rate=args.rate, pinned=args.pin, median=summary, runs=runs)  # fmt: skip
 
 
 if __name__ == "__main__":

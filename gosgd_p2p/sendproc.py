@@ -76,6 +76,8 @@ class SendProcessClient(PeerClient):
     ) -> None:
         import torch  # here, not above: the child process never needs it
 
+        if not hasattr(os, "memfd_create"):
+            raise RuntimeError("send_process needs Linux (os.memfd_create); leave it off here")
         super().__init__(credentials)
         self.nbytes = nbytes
         self.buffers: list[torch.Tensor] = []

@@ -82,13 +82,16 @@ def test_device_merge_matches_the_cpu_and_frees_the_host_buffer_after_the_copy()
         torch.testing.assert_close(g.cpu(), c)
 
 
-def test_two_cuda_nodes_exchange_exactly() -> None:
-    """Pushes both ways between two CUDA nodes: x = weighted mean, weight conserved."""
+@pytest.mark.parametrize("send_process", [False, True], ids=["threads", "send_process"])
+def test_two_cuda_nodes_exchange_exactly(send_process: bool) -> None:
+    """Pushes both ways between two CUDA nodes: x = weighted mean, weight conserved. With
+    send_process, a's snapshots go to page-locked shared memory that a child process sends."""
     ma, _, _ = resnet()
     torch.manual_seed(1)
     mb = build_model("resnet18", (3, 32, 32), 10).cuda()
     cfg = dict(cluster="gpu", p=0.0, mdns=False, hello_interval_s=0.2)
-    a = GossipNode(ma, NodeConfig(node_id="a", **cfg))
+    a = GossipNode(ma, NodeConfig(node_id="a", send_process=send_process, **cfg))
+    assert (a.send_process_pid is not None) == send_process
     b = GossipNode(mb, NodeConfig(node_id="b", peers=[a.address], **cfg))
     with a, b:
         wait_until(lambda: a.peers.live() and b.peers.live(), 20, "peers to meet")
