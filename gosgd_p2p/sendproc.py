@@ -156,13 +156,15 @@ class SendProcessClient(PeerClient):
         asynchronously on its side stream; without it the copy would hold the training thread."""
         import torch
 
-        cudart = torch.cuda.cudart()
-        for buf in self.buffers:
-            error = int(cudart.cudaHostRegister(buf.data_ptr(), self.nbytes, 0))
-            if error != 0:
-                log.warning("cannot page-lock the send buffers (CUDA error %d): copies wait", error)
-                return
-            self._pinned.append(buf.data_ptr())
+        try:
+            cudart = torch.cuda.cudart()
+            for buf in self.buffers:
+                error = int(cudart.cudaHostRegister(buf.data_ptr(), self.nbytes, 0))
+                if error != 0:
+                    raise RuntimeError(f"cudaHostRegister: CUDA error {error}")
+                self._pinned.append(buf.data_ptr())
+        except Exception as err:  # slower snapshots, still correct ones
+            log.warning("cannot page-lock the send buffers (%s): snapshot copies will wait", err)
 
     def push(
         self,

@@ -16,6 +16,7 @@ from conftest import node_config, wait_until
 from gosgd_p2p import GossipNode, cluster_seed
 from gosgd_p2p.client import PeerClient
 from gosgd_p2p.models import build_model
+from gosgd_p2p.sendproc import SendProcessClient
 from gosgd_p2p.v1 import gossip_pb2 as pb
 from gosgd_p2p.wire import Chunk
 
@@ -172,3 +173,15 @@ def _cmdline(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="page-locking works where CUDA does")
+def test_page_locking_without_cuda_only_warns(caplog) -> None:
+    client = SendProcessClient(None, nbytes=4096, count=2)
+    try:
+        client.pin_buffers()
+        assert "cannot page-lock the send buffers" in caplog.text
+        assert client.alive and not gone(client.pid)
+    finally:
+        client.close()
+    assert gone(client.pid)
