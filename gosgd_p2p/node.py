@@ -11,6 +11,7 @@ and the weight a: in step(), finish(), leave() and the constructor. gRPC server 
 validate incoming messages into the inbox and queue donation requests; sender threads stream
 snapshots; a membership thread exchanges peer lists. They meet only through the inbox, queues
 and futures, so nothing merges during a local step and training never waits on the network.
+With send_process, a child process makes the sender threads' gRPC calls (gosgd_p2p.sendproc).
 """
 
 from __future__ import annotations
