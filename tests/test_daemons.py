@@ -14,7 +14,7 @@ def test_three_daemons_train_exchange_and_conserve_weight(node_processes) -> Non
     """The issue's acceptance run: digits, cnn, p=0.1, 600 steps, three daemons."""
     args = (*COMMON, "--steps", "600", "--wait-for-peers", "2")
     a = node_processes("a", *args)
-    b = node_processes("b", *args, "--peers", a.address)
+    b = node_processes("b", *args, "--peers", a.address, "--send-process")  # pushes from a child
     c = node_processes("c", *args, "--peers", a.address)
     for node in (a, b, c):
         assert node.wait(240) == 0, node.stderr()
@@ -35,7 +35,8 @@ def test_sigterm_hands_the_whole_weight_to_a_peer(node_processes) -> None:
     args = (*COMMON, "--wait-for-peers", "2", "--eval-every", "20")
     a = node_processes("a", *args, "--steps", "500")
     b = node_processes("b", *args, "--steps", "500", "--peers", a.address)
-    c = node_processes("c", *args, "--steps", "100000", "--peers", a.address)
+    # c's pushes, and its leave, go through its send process
+    c = node_processes("c", *args, "--steps", "100000", "--peers", a.address, "--send-process")
     wait_until(lambda: all(n.records() for n in (a, b, c)), 120, "all three to start training")
     wait_until(lambda: any(r["step"] >= 60 for r in c.records()), 120, "c to train 60 steps")
     c.terminate()
