@@ -90,7 +90,8 @@ class SendProcessClient(PeerClient):
                 memfds.append(fd)
                 os.ftruncate(fd, nbytes)
                 self.buffers.append(torch.frombuffer(mmap.mmap(fd, nbytes), dtype=torch.float32))
-            # one socket pair for control (start, forget), one per push that may run at once
+            # socket pairs: one for control (start, forget), then one per push that may run at
+            # once (one per send buffer, and one for a leave)
             for _ in range(count + 2):
                 a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                 ours.append(a)
