@@ -18,13 +18,13 @@ import queue
 import resource
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from report import write_json  # bench/report.py, beside this script
 from sink import release_unmerged  # bench/sink.py
+from soak import rss_mb  # bench/soak.py
 
 from gosgd_p2p.wire import CHUNK_BYTES
 
@@ -103,20 +103,12 @@ def trainer(args: dict[str, Any], out: Any) -> None:
     per_step = (time.perf_counter() - started) / args["steps"]
     pushes = node.counters.get("pushes_started")
     child = node.send_process_pid
-    child_mb = _peak_rss_mb(child) if child is not None else 0.0
+    child_mb = (rss_mb(child, "VmHWM") or 0.0) if child is not None else 0.0
     node.finish()
     node.close()
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0
-    out.put((per_step, rss_mb, gpu_mb, pushes, child_mb))
-
-
-def _peak_rss_mb(pid: int) -> float:
-    """Peak resident memory of process `pid` (VmHWM), MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    out.put((per_step, peak_mb, gpu_mb, pushes, child_mb))
 
 
 def _result(proc: Any, out: Any, limit_s: float) -> Any:

@@ -86,13 +86,14 @@ def _die_with_parent() -> None:
         _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def rss_mb(pid: int) -> float | None:
-    """VmRSS of process `pid` in MB (2**20 bytes); None when it is gone."""
+def rss_mb(pid: int, field: str = "VmRSS") -> float | None:
+    """VmRSS (or `field`, e.g. VmHWM: the peak) of process `pid` in MB (2**20 bytes); None when
+    it is gone."""
     try:
         text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return None
-    match = re.search(r"^VmRSS:\s+(\d+) kB", text, re.MULTILINE)
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
     return int(match.group(1)) / 1024 if match else None
 
 
