@@ -35,12 +35,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
-import numpy as np
 
 from gosgd_p2p.client import PeerClient, PushFailed
 from gosgd_p2p.security import Credentials
 from gosgd_p2p.v1 import gossip_pb2 as pb
-from gosgd_p2p.wire import CHUNK_BYTES
+from gosgd_p2p.wire import CHUNK_BYTES, buffer_address
 
 if TYPE_CHECKING:
     import torch
@@ -234,8 +233,7 @@ class SendProcessClient(PeerClient):
     def _buffer_index(self, payload: memoryview) -> int | None:
         if payload.nbytes != self.nbytes:
             return None
-        address = int(np.frombuffer(payload, dtype=np.uint8).ctypes.data)
-        return self._index.get(address)
+        return self._index.get(buffer_address(payload))
 
     def _lost_child(self, why: str) -> None:
         with self._dead_lock:

@@ -37,6 +37,7 @@ __all__ = [
     "Expectation",
     "Reject",
     "assemble",
+    "buffer_address",
     "decode_chunk",
     "encode_chunk",
     "grpc_options",
@@ -175,7 +176,7 @@ def _join(parts: list[bytes | memoryview]) -> bytes:
     out: bytes = _new_bytes(None, total)
     at = _bytes_address(out)
     for part in parts:
-        ctypes.memmove(at, _address(part), len(part))
+        ctypes.memmove(at, buffer_address(part), len(part))
         at += len(part)
     return out
 
@@ -188,10 +189,10 @@ def _copy_into(out: memoryview, at: int, data: bytes | memoryview) -> None:
         return
     if at < 0 or at + n > len(out) or out.readonly:
         raise ValueError("copy out of the output buffer's bounds")
-    ctypes.memmove(_address(out) + at, _address(data), n)
+    ctypes.memmove(buffer_address(out) + at, buffer_address(data), n)
 
 
-def _address(buf: bytes | memoryview) -> int:
+def buffer_address(buf: bytes | memoryview) -> int:
     """Address of the first byte of a contiguous buffer (kept alive by the caller)."""
     if isinstance(buf, bytes):
         return _bytes_address(buf)  # type: ignore[no-any-return]
