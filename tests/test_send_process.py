@@ -43,12 +43,18 @@ def train_both(a: GossipNode, b: GossipNode) -> None:
     train(b)  # merges what b received: a full inbox would refuse a's pushes
 
 
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...); None if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def gone(pid: int) -> bool:
     """The process has exited (a zombie counts: it runs no more code)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
+    stat = _stat(pid)
+    return stat is None or stat[0] == "Z"
 
 
 def test_pushes_go_through_the_child_and_keep_the_weight_exact() -> None:
@@ -156,16 +162,8 @@ def test_send_process_makes_its_own_client() -> None:
 
 
 def _children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry.name))
-    return out
+    entries = [e.name for e in Path("/proc").iterdir() if e.name.isdigit()]
+    return [int(e) for e in entries if (stat := _stat(e)) is not None and int(stat[1]) == pid]
 
 
 def _cmdline(pid: int) -> bytes:
