@@ -20,28 +20,34 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gosgd_p2p.reject import Reject, Status, Why
 from gosgd_p2p.v1 import gossip_pb2 as pb
 
-try:  # ISA-L computes the same CRC-32 as zlib with carry-less multiplies: ~23 GB/s against ~4
+try:  # ISA-L: the same CRC-32 as zlib, with carry-less multiplies (docs/benchmarks.md)
     from isal.isal_zlib import crc32
 except ImportError:  # pragma: no cover - a platform without an isal wheel
     from zlib import crc32
 
 __all__ = [
     "CHUNK_BYTES",
+    "ENCODINGS",
+    "INT8_BLOCK",
     "MAX_CHUNK_BYTES",
     "MAX_GRPC_MESSAGE_BYTES",
     "MAX_WEIGHT",
+    "WEIGHT_LIMIT",
+    "WEIGHT_QUANTUM",
     "PROTOCOL_VERSION",
     "Chunk",
     "Expectation",
-    "Reject",
     "assemble",
     "buffer_address",
     "decode_chunk",
     "encode_chunk",
     "grpc_options",
     "join_message",
+    "on_grid",
+    "payload_bytes",
     "split_for_streaming",
     "split_message",
 ]
@@ -57,8 +63,57 @@ MAX_GRPC_MESSAGE_BYTES = MAX_CHUNK_BYTES + (64 << 10)
 #: Largest weight a message may carry. Founders start at 1.0 and weights only halve or add,
 #: so a legitimate weight never comes near this; a huge one would swamp every model it meets.
 MAX_WEIGHT = 1e6
+#: Every weight a node sends is a whole number of quanta. The founders' weights (1.0 each) are
+#: too, so every weight in the cluster is, and as long as a weight stays below WEIGHT_LIMIT
+#: (2^21 * 2^32 quanta = 2^53, the float64 significand) every sum and difference of weights
+#: is exact: a merge a + a_s never rounds, so the total is conserved bit for bit, not only to
+#: an ulp per merge. Plain float halving does round: after about a hundred pushes among four
+#: nodes, a sum of merged halves needs more than 53 bits.
+WEIGHT_QUANTUM = 2.0**-32
+#: Weights up to this add exactly on WEIGHT_QUANTUM's grid.
+WEIGHT_LIMIT = 2.0**21
 #: Longest node id or cluster name accepted, in bytes.
 MAX_NAME_BYTES = 128
+
+#: The wire encodings by name (NodeConfig.encoding, --encoding): the proto enum value of each.
+#: gosgd_p2p.codec encodes and decodes them.
+ENCODINGS: dict[str, pb.Encoding] = {
+    "fp32": pb.ENCODING_FP32,
+    "bf16": pb.ENCODING_BF16,
+    "fp16": pb.ENCODING_FP16,
+    "int8": pb.ENCODING_INT8_BLOCK,
+}
+#: Elements per block of ENCODING_INT8_BLOCK (each block has its own offset and scale).
+INT8_BLOCK = 4096
+#: Bytes of one int8 block's (offset, scale): two float32.
+INT8_PARAM_BYTES = 8
+
+
+def on_grid(a: float) -> bool:
+    """Whether `a` is a whole number of WEIGHT_QUANTUM below WEIGHT_LIMIT: a weight that adds
+    exactly (gosgd_p2p.algorithm splits on this grid; a message's weight must lie on it)."""
+    return 0.0 <= a < WEIGHT_LIMIT and (a / WEIGHT_QUANTUM).is_integer()
+
+
+def payload_bytes(encoding: int, numel: int) -> int:
+    """Bytes of a payload of `numel` elements in `encoding` (a proto Encoding value).
+
+    Raises Reject(Status.INVALID, Why.ENCODING) for an encoding this node does not know.
+    """
+    if encoding == pb.ENCODING_FP32:
+        return 4 * numel
+    if encoding in (pb.ENCODING_BF16, pb.ENCODING_FP16):
+        return 2 * numel
+    if encoding == pb.ENCODING_INT8_BLOCK:
+        return INT8_PARAM_BYTES * -(-numel // INT8_BLOCK) + numel
+    raise Reject(Status.INVALID, Why.ENCODING, f"unsupported encoding {encoding}")
+
+
+def receive_numel(numel: int) -> int:
+    """Float32 elements of a receive buffer for a state of `numel`: room for its payload in
+    any encoding (a tiny state's int8 payload, with its block parameters, may be larger)."""
+    largest = max(payload_bytes(encoding, numel) for encoding in ENCODINGS.values())
+    return max(numel, -(-largest // 4))
 
 
 def grpc_options() -> list[tuple[str, int]]:
@@ -70,22 +125,6 @@ def grpc_options() -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", 20_000),
         ("grpc.keepalive_timeout_ms", 10_000),
     ]
-
-
-class Reject(Exception):
-    """A message refused before it reached the inbox.
-
-    `kind` maps to a gRPC status: "invalid" (INVALID_ARGUMENT), "precondition"
-    (FAILED_PRECONDITION), "exhausted" (RESOURCE_EXHAUSTED), "unauthenticated"
-    (UNAUTHENTICATED). `reason` is one line for the log and the status details; `counter` is
-    a short stable label for metrics.
-    """
-
-    def __init__(self, kind: str, counter: str, reason: str) -> None:
-        super().__init__(reason)
-        self.kind = kind
-        self.counter = counter
-        self.reason = reason
 
 
 # --- chunk encoding ---------------------------------------------------------------------------
@@ -113,7 +152,7 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
     shift = 0
     while True:
         if pos >= len(buf):
-            raise Reject("invalid", "malformed_chunk", "truncated varint in chunk")
+            raise Reject(Status.INVALID, Why.MALFORMED_CHUNK, "truncated varint in chunk")
         b = buf[pos]
         pos += 1
         result |= (b & 0x7F) << shift
@@ -121,7 +160,7 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
             return result, pos
         shift += 7
         if shift > 63:
-            raise Reject("invalid", "malformed_chunk", "varint longer than 64 bits in chunk")
+            raise Reject(Status.INVALID, Why.MALFORMED_CHUNK, "varint longer than 64 bits in chunk")
 
 
 @dataclass(frozen=True)
@@ -166,7 +205,7 @@ def _join(parts: list[bytes | memoryview]) -> bytes:
     """b"".join(parts), with the copy of a large chunk made outside the GIL.
 
     A sender thread copying 1 MiB under the GIL holds up the training thread for that long,
-    some 40 times per push of a ResNet-18 state. On CPython the bytes object is created
+    once per chunk of every push. On CPython the bytes object is created
     uninitialised and filled by ctypes.memmove, which releases the GIL, before anyone else sees
     it (the C API's contract for PyBytes_FromStringAndSize(NULL, n)).
     """
@@ -203,35 +242,35 @@ def buffer_address(buf: bytes | memoryview) -> int:
 def decode_chunk(raw: bytes | memoryview) -> Chunk:
     """Parse a serialized StateChunk without copying its data (a view into `raw`).
 
-    Raises Reject("invalid", ...) on malformed input. Unknown fields are skipped, as protobuf
+    Raises Reject(Status.INVALID, ...) on malformed input. Unknown fields are skipped, as protobuf
     does, so a newer sender may add fields.
     """
     header = None
     offset = 0
     data: bytes | memoryview = memoryview(b"")
     crc = None
-    for field, value in _fields(memoryview(raw), "malformed_chunk", "chunk"):
+    for field, value in _fields(memoryview(raw), Why.MALFORMED_CHUNK, "chunk"):
         if isinstance(value, int):
             if field == 2:
                 offset = value
             elif field == 4:
                 if value > 0xFFFFFFFF:
-                    raise Reject("invalid", "malformed_chunk", "crc32 does not fit 32 bits")
+                    raise Reject(Status.INVALID, Why.MALFORMED_CHUNK, "crc32 does not fit 32 bits")
                 crc = value
         elif field == 1:
             try:
                 header = pb.StateHeader.FromString(bytes(value))
             except Exception as err:  # protobuf raises DecodeError and friends
-                raise Reject("invalid", "malformed_header", f"bad header: {err}") from None
+                raise Reject(Status.INVALID, Why.MALFORMED_HEADER, f"bad header: {err}") from None
         elif field == 3:
             data = value
     return Chunk(header=header, offset=offset, data=data, crc32=crc)
 
 
-def _fields(buf: memoryview, counter: str, what: str) -> Iterator[tuple[int, int | memoryview]]:
+def _fields(buf: memoryview, counter: Why, what: str) -> Iterator[tuple[int, int | memoryview]]:
     """The varint and length-delimited fields of a serialized protobuf message, in order: (field
     number, value or view into `buf`). Fixed-width fields are skipped, as unknown ones; malformed
-    input raises Reject("invalid", counter, ...) when it is reached."""
+    input raises Reject(Status.INVALID, counter, ...) when it is reached."""
     pos = 0
     while pos < len(buf):
         key, pos = _read_varint(buf, pos)
@@ -243,15 +282,15 @@ def _fields(buf: memoryview, counter: str, what: str) -> Iterator[tuple[int, int
             length, pos = _read_varint(buf, pos)
             end = pos + length
             if end > len(buf):
-                raise Reject("invalid", counter, f"field runs past the end of the {what}")
+                raise Reject(Status.INVALID, counter, f"field runs past the end of the {what}")
             yield field, buf[pos:end]
             pos = end
         elif wire_type in (1, 5):
             pos += 8 if wire_type == 1 else 4
             if pos > len(buf):
-                raise Reject("invalid", counter, f"field runs past the end of the {what}")
+                raise Reject(Status.INVALID, counter, f"field runs past the end of the {what}")
         else:
-            raise Reject("invalid", counter, f"unsupported wire type {wire_type}")
+            raise Reject(Status.INVALID, counter, f"unsupported wire type {wire_type}")
 
 
 def split_for_streaming(
@@ -293,9 +332,9 @@ def join_message(chunks: Iterable[bytes]) -> bytes:
 def split_message(raw: bytes | memoryview) -> Iterator[memoryview]:
     """The serialized chunks of a serialized StateMessage, in order, as views into `raw`.
 
-    Raises Reject("invalid", ...) when it reaches malformed input; unknown fields are skipped.
+    Raises Reject(Status.INVALID, ...) when it reaches malformed input; unknown fields are skipped.
     """
-    for field, value in _fields(memoryview(raw), "malformed_message", "message"):
+    for field, value in _fields(memoryview(raw), Why.MALFORMED_MESSAGE, "message"):
         if field == 1 and isinstance(value, memoryview):
             yield value
 
@@ -309,45 +348,56 @@ class Expectation:
 
     cluster: str
     fingerprint: bytes
-    payload_bytes: int
+    numel: int  # elements of the state: the payload's size follows from the encoding
+    max_weight: float = MAX_WEIGHT  # the most weight one message may carry
 
 
 def check_header(header: pb.StateHeader, expect: Expectation) -> None:
     """Raise Reject unless `header` describes a message this node may accept."""
     if header.protocol_version != PROTOCOL_VERSION:
         raise Reject(
-            "precondition",
-            "protocol_version",
+            Status.PRECONDITION,
+            Why.PROTOCOL_VERSION,
             f"protocol version {header.protocol_version}, this node speaks {PROTOCOL_VERSION}",
         )
     if header.cluster != expect.cluster:
         raise Reject(
-            "precondition", "cluster", f"cluster {header.cluster!r} is not {expect.cluster!r}"
+            Status.PRECONDITION,
+            Why.CLUSTER,
+            f"cluster {header.cluster!r} is not {expect.cluster!r}",
         )
     if not header.sender_id or len(header.sender_id.encode()) > MAX_NAME_BYTES:
-        raise Reject("invalid", "sender_id", "sender id is empty or too long")
+        raise Reject(Status.INVALID, Why.SENDER_ID, "sender id is empty or too long")
     if header.fingerprint != expect.fingerprint:
-        raise Reject("precondition", "fingerprint", "model fingerprint differs: another model")
-    if header.encoding != pb.ENCODING_FP32:
-        raise Reject("invalid", "encoding", f"unsupported encoding {header.encoding}")
-    if header.payload_bytes != expect.payload_bytes:
         raise Reject(
-            "invalid",
-            "payload_size",
-            f"payload of {header.payload_bytes} bytes, the model needs {expect.payload_bytes}",
+            Status.PRECONDITION, Why.FINGERPRINT, "model fingerprint differs: another model"
+        )
+    needed = payload_bytes(header.encoding, expect.numel)  # Reject for an unknown encoding
+    if header.payload_bytes != needed:
+        raise Reject(
+            Status.INVALID,
+            Why.PAYLOAD_SIZE,
+            f"payload of {header.payload_bytes} bytes, the model in that encoding needs {needed}",
         )
     w = header.weight
-    if not math.isfinite(w) or w <= 0.0 or w > MAX_WEIGHT:
-        raise Reject("invalid", "weight", f"weight {w!r} is not finite, > 0 and <= {MAX_WEIGHT}")
+    if not math.isfinite(w) or w <= 0.0 or w > expect.max_weight or not on_grid(w):
+        raise Reject(
+            Status.INVALID,
+            Why.WEIGHT,
+            f"weight {w!r} is not finite, > 0, <= {expect.max_weight:g} and a whole number of"
+            f" {WEIGHT_QUANTUM!r}",
+        )
 
 
 def first_header(chunks: Iterator[Chunk]) -> pb.StateHeader:
     """Consume the first chunk of a message and return its header (Reject if there is none)."""
     first = next(chunks, None)
     if first is None:
-        raise Reject("invalid", "empty_stream", "stream ended before the header")
+        raise Reject(Status.INVALID, Why.EMPTY_STREAM, "stream ended before the header")
     if first.header is None or len(first.data) or first.offset:
-        raise Reject("invalid", "no_header", "first chunk must carry the header and nothing else")
+        raise Reject(
+            Status.INVALID, Why.NO_HEADER, "first chunk must carry the header and nothing else"
+        )
     return first.header
 
 
@@ -370,27 +420,33 @@ def assemble(
     final_crc: int | None = None
     for chunk in chunks:
         if final_crc is not None:
-            raise Reject("invalid", "after_end", "chunk after the one that carried the crc32")
+            raise Reject(
+                Status.INVALID, Why.AFTER_END, "chunk after the one that carried the crc32"
+            )
         if chunk.header is not None:
-            raise Reject("invalid", "second_header", "a second header in one message")
+            raise Reject(Status.INVALID, Why.SECOND_HEADER, "a second header in one message")
         n = len(chunk.data)
         if n == 0 and total:
-            raise Reject("invalid", "empty_chunk", "data chunk without data")
+            raise Reject(Status.INVALID, Why.EMPTY_CHUNK, "data chunk without data")
         if n > max_chunk_bytes:
-            raise Reject("exhausted", "chunk_size", f"chunk of {n} bytes > {max_chunk_bytes}")
+            raise Reject(
+                Status.EXHAUSTED, Why.CHUNK_SIZE, f"chunk of {n} bytes > {max_chunk_bytes}"
+            )
         if chunk.offset != received:
             raise Reject(
-                "invalid", "offset", f"chunk at offset {chunk.offset}, expected {received}"
+                Status.INVALID, Why.OFFSET, f"chunk at offset {chunk.offset}, expected {received}"
             )
         if received + n > total:
-            raise Reject("invalid", "payload_size", "more payload bytes than the header declared")
+            raise Reject(
+                Status.INVALID, Why.PAYLOAD_SIZE, "more payload bytes than the header declared"
+            )
         _copy_into(out, received, chunk.data)
         crc = crc32(chunk.data, crc)
         received += n
         final_crc = chunk.crc32
     if final_crc is None:
-        raise Reject("invalid", "truncated", f"stream ended at {received} of {total} bytes")
+        raise Reject(Status.INVALID, Why.TRUNCATED, f"stream ended at {received} of {total} bytes")
     if received != total:
-        raise Reject("invalid", "truncated", f"crc32 after {received} of {total} bytes")
+        raise Reject(Status.INVALID, Why.TRUNCATED, f"crc32 after {received} of {total} bytes")
     if final_crc != crc:
-        raise Reject("invalid", "checksum", "crc32 of the payload does not match")
+        raise Reject(Status.INVALID, Why.CHECKSUM, "crc32 of the payload does not match")

@@ -11,17 +11,40 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ENCODING_UNSPECIFIED: _ClassVar[Encoding]
     ENCODING_FP32: _ClassVar[Encoding]
+    ENCODING_BF16: _ClassVar[Encoding]
+    ENCODING_FP16: _ClassVar[Encoding]
+    ENCODING_INT8_BLOCK: _ClassVar[Encoding]
 
 class PushOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PUSH_OUTCOME_UNSPECIFIED: _ClassVar[PushOutcome]
     PUSH_OUTCOME_COMMITTED: _ClassVar[PushOutcome]
     PUSH_OUTCOME_ABORTED: _ClassVar[PushOutcome]
+    PUSH_OUTCOME_UNKNOWN: _ClassVar[PushOutcome]
+
+class NodeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NODE_STATE_UNSPECIFIED: _ClassVar[NodeState]
+    NODE_STATE_STARTING: _ClassVar[NodeState]
+    NODE_STATE_TRAINING: _ClassVar[NodeState]
+    NODE_STATE_DRAINING: _ClassVar[NodeState]
+    NODE_STATE_FINISHED: _ClassVar[NodeState]
+    NODE_STATE_LEFT: _ClassVar[NodeState]
 ENCODING_UNSPECIFIED: Encoding
 ENCODING_FP32: Encoding
+ENCODING_BF16: Encoding
+ENCODING_FP16: Encoding
+ENCODING_INT8_BLOCK: Encoding
 PUSH_OUTCOME_UNSPECIFIED: PushOutcome
 PUSH_OUTCOME_COMMITTED: PushOutcome
 PUSH_OUTCOME_ABORTED: PushOutcome
+PUSH_OUTCOME_UNKNOWN: PushOutcome
+NODE_STATE_UNSPECIFIED: NodeState
+NODE_STATE_STARTING: NodeState
+NODE_STATE_TRAINING: NodeState
+NODE_STATE_DRAINING: NodeState
+NODE_STATE_FINISHED: NodeState
+NODE_STATE_LEFT: NodeState
 
 class StateHeader(_message.Message):
     __slots__ = ("sender_id", "message_id", "weight", "fingerprint", "encoding", "payload_bytes", "sender_step", "cluster", "protocol_version", "sender_address")
@@ -74,16 +97,18 @@ class PushAck(_message.Message):
     def __init__(self, receiver_id: _Optional[str] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("node_id", "cluster", "fingerprint", "protocol_version")
+    __slots__ = ("node_id", "cluster", "fingerprint", "protocol_version", "address")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     cluster: str
     fingerprint: bytes
     protocol_version: int
-    def __init__(self, node_id: _Optional[str] = ..., cluster: _Optional[str] = ..., fingerprint: _Optional[bytes] = ..., protocol_version: _Optional[int] = ...) -> None: ...
+    address: str
+    def __init__(self, node_id: _Optional[str] = ..., cluster: _Optional[str] = ..., fingerprint: _Optional[bytes] = ..., protocol_version: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
 
 class PeerInfo(_message.Message):
     __slots__ = ("node_id", "address")
@@ -138,3 +163,61 @@ class ResolveReply(_message.Message):
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     outcome: PushOutcome
     def __init__(self, outcome: _Optional[_Union[PushOutcome, str]] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PeerStatus(_message.Message):
+    __slots__ = ("node_id", "address", "status", "last_seen_seconds")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    address: str
+    status: str
+    last_seen_seconds: float
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., status: _Optional[str] = ..., last_seen_seconds: _Optional[float] = ...) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("node_id", "address", "cluster", "protocol_version", "state", "step", "steps_per_second", "uptime_seconds", "weight", "inbox_weight", "in_flight_weight", "in_flight_pushes", "weight_written_off", "founded_weight", "last_loss", "messages_sent", "messages_received", "messages_returned", "peers")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STEPS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    INBOX_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_PUSHES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_WRITTEN_OFF_FIELD_NUMBER: _ClassVar[int]
+    FOUNDED_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    LAST_LOSS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_SENT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_RETURNED_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    address: str
+    cluster: str
+    protocol_version: int
+    state: NodeState
+    step: int
+    steps_per_second: float
+    uptime_seconds: float
+    weight: float
+    inbox_weight: float
+    in_flight_weight: float
+    in_flight_pushes: int
+    weight_written_off: float
+    founded_weight: float
+    last_loss: float
+    messages_sent: int
+    messages_received: int
+    messages_returned: int
+    peers: _containers.RepeatedCompositeFieldContainer[PeerStatus]
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., cluster: _Optional[str] = ..., protocol_version: _Optional[int] = ..., state: _Optional[_Union[NodeState, str]] = ..., step: _Optional[int] = ..., steps_per_second: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., weight: _Optional[float] = ..., inbox_weight: _Optional[float] = ..., in_flight_weight: _Optional[float] = ..., in_flight_pushes: _Optional[int] = ..., weight_written_off: _Optional[float] = ..., founded_weight: _Optional[float] = ..., last_loss: _Optional[float] = ..., messages_sent: _Optional[int] = ..., messages_received: _Optional[int] = ..., messages_returned: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ...) -> None: ...

@@ -61,6 +61,11 @@ class GossipStub:
                 request_serializer=gosgd__p2p_dot_v1_dot_gossip__pb2.ResolveRequest.SerializeToString,
                 response_deserializer=gosgd__p2p_dot_v1_dot_gossip__pb2.ResolveReply.FromString,
                 _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/gosgd_p2p.v1.Gossip/Status',
+                request_serializer=gosgd__p2p_dot_v1_dot_gossip__pb2.StatusRequest.SerializeToString,
+                response_deserializer=gosgd__p2p_dot_v1_dot_gossip__pb2.StatusReply.FromString,
+                _registered_method=True)
 
 
 class GossipServicer:
@@ -91,7 +96,10 @@ class GossipServicer:
 
     def FetchState(self, request, context):
         """Fetch this node's state to join the cluster. The donor halves its weight and streams
-        (x, a/2) in the same chunk format as PushState.
+        (x, a/2) in the same chunk format as PushState. It donates only to a node: one that
+        answers Hello at FetchRequest.address as FetchRequest.node_id, in the same cluster, and
+        still joining (no state); and to each node id at most once every 10 s. Otherwise
+        FAILED_PRECONDITION or RESOURCE_EXHAUSTED, and nothing is given.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -107,7 +115,16 @@ class GossipServicer:
     def ResolvePush(self, request, context):
         """Settle a push whose outcome the sender does not know (its stream was fully sent but no
         ack came back). The answer is final: ABORTED also guarantees that this message will never
-        be committed later, so the sender may take its weight back.
+        be committed later, so the sender may take its weight back; UNKNOWN says the receiver
+        cannot tell, and the sender writes the weight off (never takes it back).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Status(self, request, context):
+        """Read-only: what this node is doing and which peers it knows, for operators
+        (gosgd-status). Authenticated like every Gossip call; changes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -140,6 +157,11 @@ def add_GossipServicer_to_server(servicer, server):
                     servicer.ResolvePush,
                     request_deserializer=gosgd__p2p_dot_v1_dot_gossip__pb2.ResolveRequest.FromString,
                     response_serializer=gosgd__p2p_dot_v1_dot_gossip__pb2.ResolveReply.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=gosgd__p2p_dot_v1_dot_gossip__pb2.StatusRequest.FromString,
+                    response_serializer=gosgd__p2p_dot_v1_dot_gossip__pb2.StatusReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -279,6 +301,33 @@ class Gossip:
             '/gosgd_p2p.v1.Gossip/ResolvePush',
             gosgd__p2p_dot_v1_dot_gossip__pb2.ResolveRequest.SerializeToString,
             gosgd__p2p_dot_v1_dot_gossip__pb2.ResolveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gosgd_p2p.v1.Gossip/Status',
+            gosgd__p2p_dot_v1_dot_gossip__pb2.StatusRequest.SerializeToString,
+            gosgd__p2p_dot_v1_dot_gossip__pb2.StatusReply.FromString,
             options,
             channel_credentials,
             insecure,
