@@ -209,6 +209,16 @@ class PeerClient:
         reply: pb.HelloReply = call(request, timeout=timeout, metadata=self._metadata)
         return reply
 
+    def status(self, address: str, timeout: float) -> pb.StatusReply:
+        """Ask `address` how it is doing (read-only); raises grpc.RpcError on failure."""
+        call = self._channel(address).unary_unary(
+            f"/{SERVICE}/Status",
+            request_serializer=pb.StatusRequest.SerializeToString,
+            response_deserializer=pb.StatusReply.FromString,
+        )
+        reply: pb.StatusReply = call(pb.StatusRequest(), timeout=timeout, metadata=self._metadata)
+        return reply
+
     def fetch(self, address: str, request: pb.FetchRequest, timeout: float) -> Iterator[Chunk]:
         """Ask `address` for its state; yields decoded chunks, raises grpc.RpcError on failure."""
         call = self._channel(address).unary_stream(

@@ -10,9 +10,12 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from gosgd_p2p.wire import CHUNK_BYTES, MAX_CHUNK_BYTES
+from gosgd_p2p.wire import CHUNK_BYTES, ENCODINGS, MAX_CHUNK_BYTES, MAX_WEIGHT
 
 __all__ = [
+    "DATASETS",
+    "MODELS",
+    "SCHEDULES",
     "NodeConfig",
     "TrainConfig",
     "cluster_seed",
@@ -45,6 +48,12 @@ def parse_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+#: Push schedules (gosgd_p2p.algorithm.PushSchedule), here so that the CLI can check its flag
+#: without importing torch: the paper's coin per step, a Poisson clock in seconds at the
+#: cluster's pace, a per-step coin made stronger when the weight is above its share.
+SCHEDULES: tuple[str, ...] = ("step", "clock", "weight")
+
+
 @dataclass
 class NodeConfig:
     """How a node talks to its peers, and how it gossips."""
@@ -63,16 +72,22 @@ class NodeConfig:
     mdns_interface: str | None = None  # interface name or IPv4 for mDNS; None: all interfaces
     discovery_wait_s: float = 3.0  # with mDNS, listen this long before founding or joining
     p: float = 0.1  # probability of a push per step (the paper's p); 0 disables gossip
+    # when to push: "clock" pushes on a Poisson clock in seconds, p times the cluster's median
+    # step rate, so a slow node does not gather weight (docs/benchmarks.md, "Stragglers");
+    # "step" is the paper's coin per step; "weight" a coin made stronger above one's share
+    schedule: str = "clock"
+    push_rate: float | None = None  # "clock": pushes per second; None: p x cluster's step rate
     seed: int | None = None  # seed of the gossip coin and peer choice; None: from node_id
     inbox_size: int = 4  # received messages waiting to be merged; more -> RESOURCE_EXHAUSTED
     send_buffers: int = 2  # snapshots in flight at once; a push finding none free is skipped
     push_timeout_s: float = 60.0  # deadline of one push (whole stream), seconds
     receive_timeout_s: float = 60.0  # the server cuts an incoming stream after this, seconds
-    resolve_timeout_s: float = 30.0  # how long to settle a push whose ack was lost, seconds
     rpc_timeout_s: float = 5.0  # deadline of a membership call, seconds
     max_failures: int = 3  # consecutive failed calls before a peer is suspended
     hello_interval_s: float = 1.0  # mean seconds between membership rounds
-    forget_after_s: float = 600.0  # drop a dead peer (not a seed) unseen for this long
+    forget_after_s: float = 600.0  # drop a dead peer (not a seed) unseen for this long; also
+    # how long a push whose ack was lost is asked about (ResolvePush) before it is written off
+    join_timeout_s: float = 600.0  # a member (resumed) waits this long for a peer to rejoin from
     drain_timeout_s: float = 120.0  # finish(): longest wait for in-flight pushes, seconds
     linger_s: float = 5.0  # close() after finish(): longest time to keep answering, seconds
     quiet_s: float = 0.5  # ... ending early once no push or ResolvePush came for this long
@@ -80,10 +95,16 @@ class NodeConfig:
     tune_malloc: bool = True  # keep glibc from unmapping each received chunk (gosgd_p2p.malloc)
     chunk_bytes: int = CHUNK_BYTES  # payload bytes per streamed chunk, 4 KiB .. 4 MiB
     send_process: bool = False  # make pushes in a child process, off the training GIL (Linux)
+    network_process: bool = False  # serve gRPC and push from a child process without torch
+    # (Linux; netproc.py): only the model, the weight and the merge stay in the training process
     token_file: str | None = None  # file holding the cluster secret; None: no token
     tls_cert: str | None = None  # this node's certificate (PEM); with tls_key, tls_ca: mTLS
     tls_key: str | None = None  # its private key (PEM)
     tls_ca: str | None = None  # the cluster CA (PEM): peers must hold a certificate it signed
+    max_weight: float = 1024.0  # most weight one message may carry: >= the founders' total
+    insecure: bool = False  # with no token or TLS, serve non-loopback callers too (trusted LAN)
+    encoding: str = "fp32"  # wire encoding of our pushes: fp32 | bf16 | fp16 | int8 (codec.py)
+    max_send_mbps: float | None = None  # mean push rate cap, Mbit/s; pushes over it are skipped
 
     def __post_init__(self) -> None:
         parse_address(self.listen)
@@ -93,6 +114,10 @@ class NodeConfig:
             parse_address(self.advertise)
         if not 0.0 <= self.p <= 1.0:
             raise ValueError(f"p must be in [0, 1], got {self.p}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}")
+        if self.push_rate is not None and not 0.0 <= self.push_rate < float("inf"):
+            raise ValueError(f"push rate must be >= 0 pushes per second, got {self.push_rate}")
         if not self.node_id or len(self.node_id.encode()) > 128:
             raise ValueError("node id must be 1 to 128 bytes")
         if not self.cluster or len(self.cluster.encode()) > 128:
@@ -100,23 +125,35 @@ class NodeConfig:
         for name in ("inbox_size", "send_buffers", "max_failures", "server_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if not 0.0 < self.max_weight <= MAX_WEIGHT:
+            raise ValueError(f"max_weight must be in (0, {MAX_WEIGHT:g}]")
         if not 4096 <= self.chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be in [4096, {MAX_CHUNK_BYTES}]")
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}")
+        if self.max_send_mbps is not None and not self.max_send_mbps > 0:
+            raise ValueError("max_send_mbps must be > 0 (None: no cap)")
         if self.discovery_wait_s < 0:
             raise ValueError("discovery_wait_s must be >= 0")
         for name in (
             "push_timeout_s",
             "receive_timeout_s",
-            "resolve_timeout_s",
             "rpc_timeout_s",
             "hello_interval_s",
             "drain_timeout_s",
+            "join_timeout_s",
             "forget_after_s",
             "linger_s",
             "quiet_s",
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0")
+
+
+#: Names of the built-in models (gosgd_p2p.models builds each) and data sets (gosgd_p2p.data
+#: loads each), here so that the CLI can check its flags without importing torch.
+MODELS: tuple[str, ...] = ("mlp", "cnn", "resnet18")
+DATASETS: tuple[str, ...] = ("digits", "synthetic", "cifar10")
 
 
 @dataclass
@@ -144,6 +181,7 @@ class TrainConfig:
     checkpoint_every: int = 100  # steps between checkpoints (with checkpoint_dir)
     seed: int | None = None  # data-order seed; None: derived from the node id
     threads: int | None = None  # torch CPU threads; None: torch's default
+    linger_s: float = 0.0  # after finishing, keep answering Status this long (or to SIGTERM)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "steps"):
@@ -151,6 +189,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.eval_every < 0:
             raise ValueError("eval_every must be >= 0")
+        if self.linger_s < 0:
+            raise ValueError("linger must be >= 0")
         if self.checkpoint_every < 1:
             raise ValueError("checkpoint_every must be at least 1")
         if not self.lr > 0:

@@ -5,29 +5,32 @@ applied at most once per (sender, message id)), and returned ones (our own pushe
 be delivered; always accepted, since their weight has nowhere else to go). Only the training
 thread drains it.
 
-The inbox also remembers, for a bounded window, the fate of recent (sender, message id) pairs:
-COMMITTED, or ABORTED by a sender's ResolvePush. That memory is what makes redelivery
-idempotent and an unknown push outcome decidable (see GossipNode.resolve_push).
+The inbox also holds the fate memory (fates.py): per sender, the message ids it committed and
+those a sender's ResolvePush aborted, under the same lock as the commit. That memory is what
+makes redelivery idempotent and an unknown push outcome decidable (see Receiver.resolve_push).
 """
 
 from __future__ import annotations
 
+import math
 import threading
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from gosgd_p2p.fates import Fate, FateMemory
+from gosgd_p2p.reject import Reject, Status, Why
 from gosgd_p2p.staging import no_wait
-from gosgd_p2p.wire import Reject
+from gosgd_p2p.v1 import gossip_pb2 as pb
 
-__all__ = ["Inbox", "Message"]
+__all__ = ["Fate", "Inbox", "Message"]
 
 
 @dataclass
 class Message:
-    """A state (x_s as a flat float32 CPU buffer) and the weight a_s it carries."""
+    """A state (x_s as a flat CPU buffer, see `encoding`) and the weight a_s it carries."""
 
     sender_id: str
     message_id: int
@@ -37,15 +40,22 @@ class Message:
     returned: bool  # True: our own push coming back
     release: Callable[[torch.Tensor], None]  # hands `payload` back to its pool after the merge
     ready: Callable[[], None] = no_wait  # waits until `payload` is written (a GPU snapshot)
+    #: ENCODING_FP32: `payload` is the float32 state. Otherwise (our own push, returned) its
+    #: first bytes are the state in that encoding (a proto Encoding value), decoded to merge.
+    encoding: int = pb.ENCODING_FP32
 
 
 class Inbox:
-    """Thread-safe inbox with a bounded memory of delivered message ids."""
+    """Thread-safe inbox with a bounded per-sender memory of message fates.
 
-    def __init__(self, dedup_window: int = 4096) -> None:
+    `hold_s`: how long an abort is remembered (longer than any stream of that message can
+    still be received); `idle_s`: how long a sender that committed here may still ask about
+    its pushes (see FateMemory).
+    """
+
+    def __init__(self, hold_s: float = 120.0, idle_s: float = 1200.0) -> None:
         self._messages: deque[Message] = deque()
-        self._fate: OrderedDict[tuple[str, int], str] = OrderedDict()  # "committed"/"aborted"
-        self._dedup_window = dedup_window
+        self._fates = FateMemory(hold_s, idle_s)
         self._accepting = False
         self._lock = threading.Lock()
 
@@ -66,58 +76,46 @@ class Inbox:
         with self._lock:
             self._accepting = False
 
-    def fate(self, sender_id: str, message_id: int) -> str | None:
-        """ "committed", "aborted", or None if (sender_id, message_id) is not remembered."""
+    def fate(self, sender_id: str, message_id: int) -> Fate | None:
+        """COMMITTED or ABORTED when (sender_id, message_id) is remembered, else None."""
         with self._lock:
-            return self._fate.get((sender_id, message_id))
-
-    def _remember(self, key: tuple[str, int], fate: str) -> None:
-        self._fate[key] = fate
-        if len(self._fate) > self._dedup_window:
-            self._fate.popitem(last=False)
+            return self._fates.fate(sender_id, message_id)
 
     def commit(self, msg: Message) -> bool:
         """Commit a received message; returns False if it is a duplicate (nothing committed).
 
-        Raises Reject("precondition") when the inbox is closed or the sender has aborted this
-        message (ResolvePush). The caller keeps the payload when this returns False or raises.
+        Raises Reject when the inbox is closed, the sender has aborted this message
+        (ResolvePush), or there is no room to remember a new sender (RESOURCE_EXHAUSTED).
+        The caller keeps the payload when this returns False or raises.
         """
-        key = (msg.sender_id, msg.message_id)
         with self._lock:
             if not self._accepting:
-                raise Reject("precondition", "draining", "node is not accepting pushes")
-            fate = self._fate.get(key)
-            if fate == "committed":
+                raise Reject(Status.PRECONDITION, Why.DRAINING, "node is not accepting pushes")
+            if not self._fates.commit(msg.sender_id, msg.message_id):
                 return False
-            if fate == "aborted":
-                raise Reject("precondition", "aborted", "the sender took this message back")
-            self._remember(key, "committed")
             self._messages.append(msg)
             return True
 
     def retract(self, msg: Message) -> bool:
         """Take a just-committed message back out, if it is still waiting; True if it was.
 
-        Its fate becomes "aborted", so it is refused if sent again under the same id.
+        Its fate becomes ABORTED, so it is refused if sent again under the same id. When the
+        abort cannot be remembered, the message stays committed (and this returns False).
         """
-        key = (msg.sender_id, msg.message_id)
         with self._lock:
             for i, waiting in enumerate(self._messages):
                 if waiting is msg:
+                    if not self._fates.abort(msg.sender_id, msg.message_id):
+                        return False
                     del self._messages[i]
-                    self._fate[key] = "aborted"
                     return True
             return False
 
-    def resolve(self, sender_id: str, message_id: int) -> str:
-        """Final fate of a push: "committed", or "aborted" (and then it can never commit)."""
-        key = (sender_id, message_id)
+    def resolve(self, sender_id: str, message_id: int) -> Fate:
+        """Final fate of a push: COMMITTED, ABORTED (and then it can never commit) or UNKNOWN
+        (forgotten, or no room to promise ABORTED: the sender writes the weight off)."""
         with self._lock:
-            fate = self._fate.get(key)
-            if fate is None:
-                fate = "aborted"
-                self._remember(key, fate)
-            return fate
+            return self._fates.resolve(sender_id, message_id)
 
     def put_returned(self, msg: Message) -> None:
         """Give an undelivered push back to its sender (always accepted)."""
@@ -130,6 +128,11 @@ class Inbox:
             out = list(self._messages)
             self._messages.clear()
             return out
+
+    def weight(self) -> float:
+        """The weight of the waiting messages, summed: this node's until it merges them."""
+        with self._lock:
+            return math.fsum(msg.weight for msg in self._messages)
 
     def __len__(self) -> int:
         with self._lock:

@@ -2,10 +2,10 @@
 
 gRPC's Python layer turns each received 1 MiB chunk into a fresh bytes object and frees it a
 moment later. glibc serves such blocks with mmap (or trims the heap top after they are freed),
-so every chunk costs ~256 page faults and zeroed pages on the way in and a munmap on the way
-out. Measured on a 2-core box (64 MB in 1 MiB chunks, two processes on loopback): plain gRPC
-went from 0.8-1.2 GB/s to 1.7-2.1 GB/s with the two settings below, and the receiver's CPU
-per GB fell from 0.9-1.3 s to 0.5 s (bench/transport.py measures the project's own path).
+so every chunk costs a page fault and a zeroed page for each of its pages on the way in and a
+munmap on the way out. With the two settings below the chunks reuse the heap: plain gRPC
+receives faster and for less CPU (docs/benchmarks.md, "Transport"; bench.transport measures
+the project's own path).
 
 The settings are process-wide, so they are applied once, only on glibc, and never over a
 choice the user made with the MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ environment

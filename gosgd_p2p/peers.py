@@ -4,6 +4,10 @@ Keyed by address (a seed's node id is unknown until it answers). Sources (seed l
 peer exchange, mDNS) call `observe`; calls record success or failure. A peer that fails
 `max_failures` times in a row is suspended, one that says it is draining is marked left, and
 either comes back when any source sees it again. Thread-safe; bounded by `max_peers`.
+
+What a caller says is not proof: pushes go only to peers we have called ourselves
+(confirmed), a node id moves to a new address only when that address answered our call as
+that id, and an address we heard of but could not call is forgotten at once (`expire`).
 """
 
 from __future__ import annotations
@@ -90,9 +94,14 @@ class PeerTable:
                 elsewhere = [a for a, r in rows if r.node_id == node_id and a != address]
                 if elsewhere and not seen:
                     return  # hearsay of a node we know under another address (an alias)
-                # A node seen at a new address leaves its old row behind.
-                for addr in elsewhere:
-                    del self._rows[addr]
+                if elsewhere and not confirmed:
+                    # a claim that a known node moved: the new address gets its own row, with
+                    # no id until our own call there answers as that node
+                    node_id = None
+                else:
+                    # A node confirmed at a new address leaves its old row behind.
+                    for addr in elsewhere:
+                        del self._rows[addr]
             existing = self._rows.get(address)
             now = time.monotonic()
             if existing is None:
@@ -156,14 +165,30 @@ class PeerTable:
             return list(self._rows.values())
 
     def live(self) -> list[Peer]:
-        """Peers a push may go to."""
+        """Peers neither suspended nor left, heard of or confirmed (pushes use `pushable`)."""
         with self._lock:
             return [p for p in self._rows.values() if p.status == "live"]
 
+    def pushable(self) -> list[Peer]:
+        """Live peers that answered a call of ours: the only ones a push or a leave goes to."""
+        with self._lock:
+            return [p for p in self._rows.values() if p.status == "live" and p.confirmed]
+
     def choose(self, rng: random.Random) -> Peer | None:
-        """A live peer drawn uniformly at random, or None when there is none."""
-        live = self.live()
-        return rng.choice(live) if live else None
+        """A pushable peer drawn uniformly at random, or None when there is none."""
+        peers = self.pushable()
+        return rng.choice(peers) if peers else None
+
+    def expire(self, address: str) -> bool:
+        """Forget `address` if we heard of it but never reached it (not a seed): a failed first
+        call. Returns True when it was forgotten."""
+        with self._changed:
+            row = self._rows.get(address)
+            if row is None or row.confirmed or address in self._seeds:
+                return False
+            del self._rows[address]
+            self._changed.notify_all()
+            return True
 
     def wait_live(self, count: int, timeout: float) -> bool:
         """Block until at least `count` live, confirmed peers exist; False on timeout."""

@@ -3,6 +3,8 @@
 - Token: every call carries metadata `x-gosgd-token`; the server compares it in constant time
   and answers UNAUTHENTICATED otherwise. Every RPC needs it except grpc.health.v1 (so probes
   work without the secret).
+- Protected mode: a node with neither answers Gossip calls from loopback addresses only
+  (like Redis's protected mode), unless it is started insecure on purpose (a trusted LAN).
 - Mutual TLS: the server requires a client certificate signed by the cluster CA, and clients
   verify the server's. Node certificates carry the DNS name TLS_TARGET_NAME, which clients
   expect whatever address they dial (peers are found by IP, not by name).
@@ -11,6 +13,8 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +22,20 @@ from typing import Any
 
 import grpc
 
-__all__ = ["TLS_TARGET_NAME", "TOKEN_METADATA_KEY", "Credentials", "TokenInterceptor"]
+from gosgd_p2p.config import parse_address
+
+__all__ = [
+    "TLS_TARGET_NAME",
+    "TOKEN_METADATA_KEY",
+    "Credentials",
+    "TokenInterceptor",
+    "is_loopback",
+    "is_loopback_host",
+    "peer_host",
+    "say_who_may_call",
+]
+
+log = logging.getLogger(__name__)
 
 #: Call metadata key of the cluster token.
 TOKEN_METADATA_KEY = "x-gosgd-token"
@@ -26,6 +43,49 @@ TOKEN_METADATA_KEY = "x-gosgd-token"
 TLS_TARGET_NAME = "gosgd-node"
 #: Services callable without the token.
 OPEN_SERVICES = ("/grpc.health.v1.Health/",)
+
+
+def peer_host(peer: str) -> str:
+    """ "ipv4:10.0.0.2:51234" -> "10.0.0.2"; "ipv6:[::1]:5" -> "::1"; other forms unchanged."""
+    kind, _, rest = peer.partition(":")
+    if kind not in ("ipv4", "ipv6") or not rest:
+        return peer or "unknown peer"
+    host = rest.rpartition(":")[0] or rest
+    return host.strip("[]")
+
+
+def is_loopback(peer: str) -> bool:
+    """Whether a gRPC peer string (context.peer()) is a loopback address (or a Unix socket)."""
+    return peer.startswith("unix:") or is_loopback_host(peer_host(peer))
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether `host` (an IP address, or "localhost") is a loopback address."""
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return bool(ip.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
+def say_who_may_call(loopback_only: bool, credentials: Credentials, listen: str) -> None:
+    """Log once, at a node's start, who may call it and how to open it."""
+    if loopback_only:
+        off_loopback = not is_loopback_host(parse_address(listen)[0])
+        (log.warning if off_loopback else log.info)(
+            "protected mode: no cluster token or TLS, so only callers on this host may gossip "
+            "with this node (health stays open); to open it, give every node the same "
+            "--token-file (gosgd-certs writes one), or pass --insecure on a trusted LAN"
+        )
+    elif not credentials.protected:
+        log.warning(
+            "insecure: no cluster token or TLS, and anyone who reaches %s may push state and "
+            "weight, take weight (FetchState) and steer membership; use on a trusted LAN only",
+            listen,
+        )
 
 
 def _read(path: str, what: str) -> bytes:
@@ -75,6 +135,11 @@ class Credentials:
     @property
     def tls(self) -> bool:
         return self.cert is not None
+
+    @property
+    def protected(self) -> bool:
+        """Whether callers must prove they belong (a token, or a certificate for mTLS)."""
+        return self.token is not None or self.tls
 
     def server_credentials(self) -> grpc.ServerCredentials | None:
         if not self.tls:

@@ -1,9 +1,8 @@
 """Pushes sent from a process of their own (NodeConfig.send_process, `--send-process`).
 
 Why: gRPC's Python code runs under the GIL, which the sender threads share with the training
-thread. For a small, fast model that is most of what gossip costs: bench/sender_placement
-measured 0.9-1.1 ms of training lost per push sent from the node's threads, against 0.2-0.3 ms
-for the same pushes sent by another process. With send_process the node's send buffers are
+thread. For a small, fast model that is most of what gossip costs (bench/sender_placement
+measures it; docs/benchmarks.md has the figures). With send_process the node's send buffers are
 shared memory (memfd), and a push is a small request over a Unix socket to a child process,
 which makes the gRPC call straight from that memory and answers with the ack or the failure.
 The node's sender thread waits for the answer in a blocking read, which holds no GIL.
@@ -61,9 +60,15 @@ class SendProcessClient(PeerClient):
     """A PeerClient whose pushes from its shared `buffers` are made by a child process.
 
     `buffers` are `count` flat float32 tensors of `nbytes` bytes in shared memory: the node's
-    send pool. A push of any other memory, or once the child is gone, runs here as in
+    send pool. A push of the whole of one, or of its first bytes (an encoded snapshot), is
+    made by the child. A push of any other memory, or once the child is gone, runs here as in
     PeerClient. Every other call (Hello, ResolvePush, FetchState) runs here: they are rare.
     """
+
+    #: What the log calls the child.
+    WHAT = "send process"
+    #: The module the child runs (`python -m MODULE SPEC`).
+    CHILD = "gosgd_p2p.sendproc"
 
     def __init__(
         self,
@@ -72,7 +77,10 @@ class SendProcessClient(PeerClient):
         count: int,
         *,
         tune_malloc: bool = True,
+        extra: dict[str, Any] | None = None,
+        extra_fds: list[int] = [],  # noqa: B006 (read only)
     ) -> None:
+        """`extra` joins the child's spec and `extra_fds` are passed to it (a subclass's)."""
         import torch  # here, not above: the child process never needs it
 
         if not hasattr(os, "memfd_create"):
@@ -102,13 +110,14 @@ class SendProcessClient(PeerClient):
                 "nbytes": nbytes,
                 "tune_malloc": tune_malloc,
                 "log_level": logging.getLogger("gosgd_p2p").getEffectiveLevel(),
+                **(extra or {}),
             }
             env = dict(os.environ)
             package_root = str(Path(__file__).resolve().parent.parent)
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "gosgd_p2p.sendproc", json.dumps(spec)],
-                pass_fds=[*memfds, *(s.fileno() for s in theirs)],
+                [sys.executable, "-m", self.CHILD, json.dumps(spec)],
+                pass_fds=[*memfds, *(s.fileno() for s in theirs), *extra_fds],
                 env=env,
                 stdin=subprocess.DEVNULL,
             )
@@ -133,12 +142,14 @@ class SendProcessClient(PeerClient):
             ready = self._control.recv(RECORD_BYTES)
         except OSError:
             ready = b""
-        if ready != b"ready":
+        if not ready.startswith(b"ready"):
             self._stop_child()
             raise RuntimeError(
-                f"the send process did not start (exit code {self._proc.poll()}); "
+                f"the {self.WHAT} did not start (exit code {self._proc.poll()}); "
                 "see its error above"
             )
+        #: What the child said after "ready" (a subclass's).
+        self.ready_info = ready[len(b"ready") :]
         self._control.settimeout(None)
 
     @property
@@ -151,20 +162,22 @@ class SendProcessClient(PeerClient):
         """Whether pushes still go through the child."""
         return not self._dead
 
-    def pin_buffers(self) -> None:
-        """Page-lock the buffers, so a snapshot's copy from a CUDA device into them runs
-        asynchronously on its side stream; without it the copy would hold the training thread."""
+    def pin_buffers(self, buffers: list[torch.Tensor] | None = None, what: str = "send") -> None:
+        """Page-lock the buffers (the send buffers, or `buffers`), so a snapshot's copy from a
+        CUDA device into them runs asynchronously on its side stream; without it the copy
+        would hold the training thread."""
         import torch
 
         try:
             cudart = torch.cuda.cudart()
-            for buf in self.buffers:
-                error = int(cudart.cudaHostRegister(buf.data_ptr(), self.nbytes, 0))
+            for buf in self.buffers if buffers is None else buffers:
+                nbytes = buf.numel() * buf.element_size()
+                error = int(cudart.cudaHostRegister(buf.data_ptr(), nbytes, 0))
                 if error != 0:
                     raise RuntimeError(f"cudaHostRegister: CUDA error {error}")
                 self._pinned.append(buf.data_ptr())
-        except Exception as err:  # slower snapshots, still correct ones
-            log.warning("cannot page-lock the send buffers (%s): snapshot copies will wait", err)
+        except Exception as err:  # slower copies, still correct ones
+            log.warning("cannot page-lock the %s buffers (%s): copies will wait", what, err)
 
     def push(
         self,
@@ -178,7 +191,8 @@ class SendProcessClient(PeerClient):
         index = self._buffer_index(payload)
         if index is None or self._dead:
             return super().push(address, header, payload, timeout, chunk_bytes)
-        request = ("push", address, header.SerializeToString(), index, timeout, chunk_bytes)
+        length = payload.nbytes  # an encoded snapshot fills the start of its buffer
+        request = ("push", address, header.SerializeToString(), index, length, timeout, chunk_bytes)
         conn = self._free.get()
         try:
             conn.settimeout(timeout + ANSWER_MARGIN_S)
@@ -199,7 +213,7 @@ class SendProcessClient(PeerClient):
             self._free.put(conn)
         if not answer:
             self._lost_child("it exited during a push")
-            raise PushFailed(grpc.StatusCode.UNKNOWN, "the send process died during the push", True)
+            raise PushFailed(grpc.StatusCode.UNKNOWN, f"the {self.WHAT} died during the push", True)
         kind, *rest = pickle.loads(answer)
         if kind == "ack":
             return pb.PushAck.FromString(rest[0])
@@ -231,7 +245,8 @@ class SendProcessClient(PeerClient):
             self._pinned.clear()
 
     def _buffer_index(self, payload: memoryview) -> int | None:
-        if payload.nbytes != self.nbytes:
+        """Which buffer `payload` is the start of (all of it, or its encoded first bytes)."""
+        if payload.nbytes > self.nbytes or payload.nbytes == 0:
             return None
         return self._index.get(buffer_address(payload))
 
@@ -243,7 +258,8 @@ class SendProcessClient(PeerClient):
         self._proc.kill()  # no-op when it already exited; ends a hung one
         code = self._proc.wait()
         log.error(
-            "send process %d is gone (%s; exit code %s): pushes now go from this process",
+            "%s %d is gone (%s; exit code %s): pushes now go from this process",
+            self.WHAT,
             self._proc.pid,
             why,
             code,
@@ -272,10 +288,10 @@ def _serve_pushes(conn: socket.socket, client: PeerClient, views: list[memoryvie
             return
         if not request:
             return
-        _, address, header_bytes, index, timeout, chunk_bytes = pickle.loads(request)
+        _, address, header_bytes, index, length, timeout, chunk_bytes = pickle.loads(request)
         try:
             header = pb.StateHeader.FromString(header_bytes)
-            ack = client.push(address, header, views[index], timeout, chunk_bytes)
+            ack = client.push(address, header, views[index][:length], timeout, chunk_bytes)
             answer: tuple[Any, ...] = ("ack", ack.SerializeToString())
         except PushFailed as err:
             answer = ("failed", err.code.name, err.details, err.maybe_delivered)
@@ -288,11 +304,13 @@ def _serve_pushes(conn: socket.socket, client: PeerClient, views: list[memoryvie
             return
 
 
-def main() -> None:
-    spec = json.loads(sys.argv[1])
+def start_child(spec: dict[str, Any]) -> tuple[socket.socket, Credentials, PeerClient]:
+    """The child's start: logging, malloc, the credentials from the node, and the threads that
+    make pushes. Returns the control socket, the credentials and the client."""
     logging.basicConfig(
         level=spec["log_level"],
-        format="%(asctime)s gosgd-send[%(process)d] %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s {spec.get('log_name', 'gosgd-send')}[%(process)d] %(levelname)s "
+        "%(name)s: %(message)s",
     )
     if spec["tune_malloc"]:
         from gosgd_p2p.malloc import tune_malloc
@@ -305,7 +323,14 @@ def main() -> None:
     client = PeerClient(credentials)
     for fd in spec["pushers"]:
         conn = socket.socket(fileno=fd)
-        threading.Thread(target=_serve_pushes, args=(conn, client, views), daemon=True).start()
+        threading.Thread(
+            target=_serve_pushes, args=(conn, client, views), name="gosgd-push", daemon=True
+        ).start()
+    return control, credentials, client
+
+
+def main() -> None:
+    control, _, client = start_child(json.loads(sys.argv[1]))
     control.send(b"ready")
     while True:
         try:

@@ -19,42 +19,41 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gosgd_p2p.security import Credentials, TokenInterceptor
+from gosgd_p2p.reject import STATUS_OF, Reject, Status, Why
+from gosgd_p2p.security import Credentials, TokenInterceptor, is_loopback
 from gosgd_p2p.v1 import gossip_pb2 as pb
-from gosgd_p2p.wire import Chunk, Reject, decode_chunk, grpc_options, split_message
+from gosgd_p2p.wire import Chunk, decode_chunk, grpc_options, split_message
 
-__all__ = ["GossipServer", "NodeBridge", "STATUS_OF"]
+__all__ = ["GossipServer", "Meeting", "Receiving", "Reporting"]
 
 log = logging.getLogger(__name__)
 
 SERVICE = "gosgd_p2p.v1.Gossip"
 
-#: gRPC status for each Reject kind.
-STATUS_OF = {
-    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
-    "precondition": grpc.StatusCode.FAILED_PRECONDITION,
-    "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
-}
+#: How a protected node (no token, no TLS, not insecure) refuses a caller off loopback.
+PROTECTED_REASON = (
+    "protected mode: this node has no cluster token, so it serves loopback callers only; "
+    "give every node the same --token-file, or start it with --insecure on a trusted LAN"
+)
 
 
-class NodeBridge(Protocol):
-    """What the server needs from a node. Methods run on gRPC server threads."""
+class Receiving(Protocol):
+    """What the server hands to the node's receiver. Methods run on gRPC server threads."""
 
     def receive_push(
-        self, chunks: Iterator[Chunk], peer: str, active: Callable[[], bool]
+        self,
+        chunks: Iterator[Chunk],
+        peer: str,
+        active: Callable[[], bool],
+        cancel: Callable[[], object],
     ) -> pb.PushAck:
         """Validate and commit one pushed message; raise Reject to refuse it.
 
-        `active()` is False once the call has failed or been cancelled."""
+        `active()` is False once the call has failed or been cancelled; `cancel()` cuts it."""
         ...
 
     def donate_state(self, request: pb.FetchRequest, peer: str) -> Iterator[bytes]:
         """Wire chunks of a state donated to a joiner; raise Reject to refuse."""
-        ...
-
-    def hello(self, request: pb.HelloRequest, peer: str) -> pb.HelloReply:
-        """Answer a membership exchange."""
         ...
 
     def resolve_push(self, request: pb.ResolveRequest, peer: str) -> pb.ResolveReply:
@@ -63,6 +62,22 @@ class NodeBridge(Protocol):
 
     def rejected(self, reject: Reject, peer: str) -> None:
         """Count (and log once per peer and reason) a refused call."""
+        ...
+
+
+class Meeting(Protocol):
+    """What the server hands to the node's membership. Runs on gRPC server threads."""
+
+    def hello(self, request: pb.HelloRequest, peer: str) -> pb.HelloReply:
+        """Answer a membership exchange; raise Reject to refuse."""
+        ...
+
+
+class Reporting(Protocol):
+    """What the server hands to the node's reporter (Status). Runs on gRPC server threads."""
+
+    def status(self, request: pb.StatusRequest, peer: str) -> pb.StatusReply:
+        """This node's counters, gauges and peers; changes nothing."""
         ...
 
 
@@ -122,10 +137,26 @@ class Watchdog:
 
 
 class _Servicer:
-    def __init__(self, bridge: NodeBridge, watchdog: Watchdog, receive_timeout_s: float) -> None:
+    def __init__(
+        self,
+        bridge: Receiving,
+        meeting: Meeting,
+        reporting: Reporting | None,
+        watchdog: Watchdog,
+        receive_timeout_s: float,
+        loopback_only: bool,
+    ) -> None:
         self._bridge = bridge
+        self._meeting = meeting
+        self._reporting = reporting
         self._watchdog = watchdog
         self._receive_timeout_s = receive_timeout_s
+        self._loopback_only = loopback_only
+
+    def _admit(self, context: grpc.ServicerContext) -> None:
+        """Raise the protected-mode refusal for a caller off loopback, when protected."""
+        if self._loopback_only and not is_loopback(context.peer()):
+            raise Reject(Status.DENIED, Why.PROTECTED, PROTECTED_REASON)
 
     def _refuse(self, reject: Reject, context: grpc.ServicerContext) -> None:
         self._bridge.rejected(reject, context.peer())
@@ -145,8 +176,9 @@ class _Servicer:
         """One push, streamed or in one message: the same checks, commit and ack."""
         ticket = self._watchdog.watch(context, self._receive_timeout_s)
         try:
+            self._admit(context)
             return self._bridge.receive_push(
-                _decoded(raw_chunks), context.peer(), context.is_active
+                _decoded(raw_chunks), context.peer(), context.is_active, context.cancel
             )
         except Reject as reject:
             self._refuse(reject, context)
@@ -157,6 +189,7 @@ class _Servicer:
     def fetch_state(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         ticket = self._watchdog.watch(context, self._receive_timeout_s)
         try:
+            self._admit(context)
             request = _parse(pb.FetchRequest, raw)
             yield from self._bridge.donate_state(request, context.peer())
         except Reject as reject:
@@ -166,20 +199,31 @@ class _Servicer:
 
     def hello(self, raw: bytes, context: grpc.ServicerContext) -> pb.HelloReply:
         try:
-            return self._bridge.hello(_parse(pb.HelloRequest, raw), context.peer())
+            self._admit(context)
+            return self._meeting.hello(_parse(pb.HelloRequest, raw), context.peer())
         except Reject as reject:
             self._refuse(reject, context)
             raise AssertionError("unreachable: abort raises") from None
 
     def resolve_push(self, raw: bytes, context: grpc.ServicerContext) -> pb.ResolveReply:
         try:
+            self._admit(context)
             return self._bridge.resolve_push(_parse(pb.ResolveRequest, raw), context.peer())
         except Reject as reject:
             self._refuse(reject, context)
             raise AssertionError("unreachable: abort raises") from None
 
+    def status(self, raw: bytes, context: grpc.ServicerContext) -> pb.StatusReply:
+        try:
+            self._admit(context)
+            assert self._reporting is not None  # registered only with a reporter
+            return self._reporting.status(_parse(pb.StatusRequest, raw), context.peer())
+        except Reject as reject:
+            self._refuse(reject, context)
+            raise AssertionError("unreachable: abort raises") from None
 
-M = TypeVar("M", pb.FetchRequest, pb.HelloRequest, pb.ResolveRequest)
+
+M = TypeVar("M", pb.FetchRequest, pb.HelloRequest, pb.ResolveRequest, pb.StatusRequest)
 
 
 def _parse(kind: type[M], raw: bytes) -> M:
@@ -188,26 +232,40 @@ def _parse(kind: type[M], raw: bytes) -> M:
     try:
         return kind.FromString(raw)
     except Exception:  # protobuf's DecodeError and friends
-        raise Reject("invalid", "malformed_request", f"malformed {kind.__name__}") from None
+        raise Reject(Status.INVALID, Why.MALFORMED_REQUEST, f"malformed {kind.__name__}") from None
 
 
 class GossipServer:
-    """A started gRPC server bound to `listen`; `port` is the bound port (useful with port 0)."""
+    """A started gRPC server bound to `listen`; `port` is the bound port (useful with port 0).
+
+    Pushes, donations and ResolvePush go to `bridge` (the node's receiver), Hello to `meeting`
+    (its membership), Status to `reporting` (its reporter; without one, UNIMPLEMENTED); refused
+    calls of any are reported to `bridge.rejected`. Without a token or TLS in `credentials`,
+    Gossip calls are answered for loopback callers only, unless `insecure` (health and
+    reflection stay open).
+    """
 
     def __init__(
         self,
-        bridge: NodeBridge,
+        bridge: Receiving,
+        meeting: Meeting,
         listen: str,
         workers: int = 16,
         credentials: Credentials | None = None,
         receive_timeout_s: float = 60.0,
+        insecure: bool = False,
+        reporting: Reporting | None = None,
     ) -> None:
         credentials = credentials or Credentials()
+        #: True when Gossip calls are answered for loopback callers only (protected mode).
+        self.loopback_only = not credentials.protected and not insecure
         interceptors = []
         if credentials.token is not None:
 
             def unauthenticated(method: str) -> None:
-                bridge.rejected(Reject("unauthenticated", "token", f"no token for {method}"), "")
+                bridge.rejected(
+                    Reject(Status.UNAUTHENTICATED, Why.TOKEN, f"no token for {method}"), ""
+                )
 
             interceptors.append(TokenInterceptor(credentials.token, unauthenticated))
         self._server = grpc.server(
@@ -218,7 +276,9 @@ class GossipServer:
             maximum_concurrent_rpcs=workers,
         )
         self._watchdog = Watchdog()
-        servicer = _Servicer(bridge, self._watchdog, receive_timeout_s)
+        servicer = _Servicer(
+            bridge, meeting, reporting, self._watchdog, receive_timeout_s, self.loopback_only
+        )
         handlers = {
             "PushState": grpc.stream_unary_rpc_method_handler(
                 servicer.push_state,
@@ -246,6 +306,12 @@ class GossipServer:
                 response_serializer=pb.ResolveReply.SerializeToString,
             ),
         }
+        if reporting is not None:  # without one, Status answers UNIMPLEMENTED
+            handlers["Status"] = grpc.unary_unary_rpc_method_handler(
+                servicer.status,
+                request_deserializer=None,
+                response_serializer=pb.StatusReply.SerializeToString,
+            )
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE, handlers),)
         )

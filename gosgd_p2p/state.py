@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-__all__ = ["BufferPool", "StateLayout", "TensorSpec", "all_finite", "module_state"]
+__all__ = ["BufferPool", "StateLayout", "TensorSpec", "all_finite", "byte_view", "module_state"]
 
 #: Dtype of the flat buffer and of ENCODING_FP32 on the wire.
 WIRE_DTYPE = torch.float32
@@ -88,8 +90,8 @@ class StateLayout:
 def all_finite(flat: torch.Tensor) -> bool:
     """True when no element of `flat` is NaN or infinite.
 
-    One min/max pass: NaN propagates into both and an infinity becomes an extreme. It runs
-    about 40x faster than torch.isfinite(flat).all(), which materialises a bool tensor.
+    One min/max pass: NaN propagates into both and an infinity becomes an extreme. It is much
+    faster than torch.isfinite(flat).all(), which materialises a bool tensor (docs/benchmarks.md).
     """
     if flat.numel() == 0:
         return True
@@ -112,26 +114,34 @@ class BufferPool:
         *,
         pin: bool = False,
         buffers: list[torch.Tensor] | None = None,
+        lent: int = 0,
     ) -> None:
         if capacity < 1:
             raise ValueError("a buffer pool needs a capacity of at least 1")
         self.numel = numel
         self.capacity = capacity
         self._pin = pin
-        # `buffers`: the pool's memory, allocated by the caller (shared memory, see sendproc)
+        # `buffers`: the pool's memory, allocated by the caller (shared memory, see sendproc);
+        # `lent` more of it is in use already, and will be released into the pool
         self._free: list[torch.Tensor] = list(buffers or [])
-        if any(b.numel() != numel for b in self._free) or len(self._free) > capacity:
+        if any(b.numel() != numel for b in self._free) or len(self._free) + lent > capacity:
             raise ValueError(f"give at most {capacity} buffers of {numel} elements")
-        self._allocated = len(self._free)
+        self._allocated = len(self._free) + lent
         self._lock = threading.Lock()
+        self._released = threading.Condition(self._lock)
 
-    def acquire(self) -> torch.Tensor | None:
-        """A free buffer (contents undefined), or None when all `capacity` are in use."""
+    def acquire(self, wait_s: float = 0.0) -> torch.Tensor | None:
+        """A free buffer (contents undefined), or None when all `capacity` are in use (after
+        waiting up to `wait_s` seconds for one to be released)."""
+        deadline = time.monotonic() + wait_s
         with self._lock:
+            while not self._free and self._allocated >= self.capacity:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._released.wait(left)
             if self._free:
                 return self._free.pop()
-            if self._allocated >= self.capacity:
-                return None
             self._allocated += 1
         return torch.empty(self.numel, dtype=WIRE_DTYPE, pin_memory=self._pin)
 
@@ -139,9 +149,16 @@ class BufferPool:
         """Give back a buffer obtained from acquire()."""
         with self._lock:
             self._free.append(buf)
+            self._released.notify()
 
     @property
     def in_use(self) -> int:
         """Buffers handed out and not yet released."""
         with self._lock:
             return self._allocated - len(self._free)
+
+
+def byte_view(buf: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor (no copy), e.g. a pool's buffer."""
+    array: Any = buf.numpy()
+    return memoryview(array).cast("B")

@@ -1,0 +1,607 @@
+"""The network side of a node in a process of its own (NodeConfig.network_process).
+
+Why: gRPC's Python code runs under the GIL, which the server's threads share with the
+training thread; receiving costs the training loop more than sending does (docs/benchmarks.md).
+In this mode the gRPC server (Gossip with every RPC, health, reflection) and the push client
+run in a child process that imports no torch. The training process keeps the model, the weight
+a, the inbox with its fate memory, the merge, membership's own calls and the settling of pushes.
+
+How they meet: shared memory and a small control channel (Unix SOCK_SEQPACKET socket pairs).
+- Pushes out: as send_process (sendproc.py), the child streams a send buffer it shares with the
+  node and answers with the ack or the failure.
+- Pushes in: the child checks the header, takes a receive slot (shared memory, one per inbox
+  place), streams the payload into it and checks its CRC (intake.py, the front half). Then it
+  asks the training process to commit slot r: that process decodes, checks finite values (torch
+  kernels that release the GIL), commits to its inbox under the fate memory, and answers; then
+  the child tells it whether the call was still alive (a call that died has its message taken
+  back out, as in threads mode), and only then acks the sender. The committed slot is the
+  message's payload: it is merged straight from shared memory and handed back to the child
+  afterwards ("release r").
+- Hello, ResolvePush and Status are forwarded as they are; the answers come from the training
+  process, which owns the peer table, the fates and the counters.
+- A donation to a joiner: the child takes a slot, the training thread snapshots into it and
+  splits its weight, and the child streams it.
+
+Why this split: every decision about weight stays with the one process that holds the weight,
+so exactness needs no new protocol between the two. The child holds weight in no form: a
+message is either committed by the training process (and merged from shared memory, whatever
+happens to the child) or refused.
+
+When the child dies (kill -9): pushes it was making fail as "maybe delivered" and are settled
+with ResolvePush from the training process; a message committed but not yet acked stays
+committed (its sender's ResolvePush learns so); a donation still streaming comes back to the
+inbox, and one whose last chunk had been handed over is written off (never invented). The node
+then serves gRPC from its own threads on the same port, and pushes from them (threads mode),
+saying so once. When the training process dies, the child reads end-of-file and exits.
+
+Run as `python -m gosgd_p2p.netproc SPEC` by NetworkProcess only.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import mmap
+import os
+import pickle
+import queue
+import socket
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from gosgd_p2p.intake import Intake
+from gosgd_p2p.reject import Reject, Status, Why
+from gosgd_p2p.security import Credentials
+from gosgd_p2p.sendproc import RECORD_BYTES, START_TIMEOUT_S, SendProcessClient, start_child
+from gosgd_p2p.server import GossipServer
+from gosgd_p2p.v1 import gossip_pb2 as pb
+from gosgd_p2p.wire import Chunk, Expectation, split_for_streaming
+
+if TYPE_CHECKING:
+    import torch
+
+    from gosgd_p2p.inbox import Message
+    from gosgd_p2p.membership import Membership
+    from gosgd_p2p.receiver import Receiver
+    from gosgd_p2p.reporter import Reporter
+
+__all__ = ["NetworkProcess", "RemoteServer"]
+
+log = logging.getLogger(__name__)
+
+#: Largest request or answer between the two processes (a Status reply with its peers).
+CALL_BYTES = 1 << 17
+#: Requests the child's server threads may have open with the training process at once.
+CALLERS = 8
+
+
+class NetworkProcess(SendProcessClient):
+    """The node's side of a network process: the send buffers and pushes of SendProcessClient,
+    plus `slots` receive slots (float32 tensors of `slot_numel`) that the child receives into.
+
+    serve() starts the child's gRPC server, once the node's parts exist.
+    """
+
+    WHAT = "network process"
+    CHILD = "gosgd_p2p.netproc"
+
+    def __init__(
+        self,
+        credentials: Credentials | None,
+        nbytes: int,
+        count: int,
+        *,
+        slot_numel: int,
+        slots: int,
+        server: dict[str, Any],
+        tune_malloc: bool = True,
+    ) -> None:
+        import torch
+
+        self._slot_bytes = 4 * slot_numel
+        memfds: list[int] = []
+        ours: list[socket.socket] = []
+        theirs: list[socket.socket] = []
+        try:
+            self.slots: list[torch.Tensor] = []
+            for i in range(slots):
+                fd = os.memfd_create(f"gosgd-recv-{i}")
+                memfds.append(fd)
+                os.ftruncate(fd, self._slot_bytes)
+                area = mmap.mmap(fd, self._slot_bytes)
+                self.slots.append(torch.frombuffer(area, dtype=torch.float32))
+            for _ in range(CALLERS):
+                a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                for s in (a, b):
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CALL_BYTES)
+                ours.append(a)
+                theirs.append(b)
+            extra = {
+                "log_name": "gosgd-net",
+                "slots": memfds,
+                "slot_bytes": self._slot_bytes,
+                "callers": [s.fileno() for s in theirs],
+                "server": server,
+            }
+            super().__init__(
+                credentials,
+                nbytes,
+                count,
+                tune_malloc=tune_malloc,
+                extra=extra,
+                extra_fds=[*memfds, *(s.fileno() for s in theirs)],
+            )
+        except BaseException:
+            for s in ours:
+                s.close()
+            raise
+        finally:
+            for fd in memfds:
+                os.close(fd)
+            for s in theirs:
+                s.close()
+        self._callers = ours
+        self._slot_index = {t.data_ptr(): i for i, t in enumerate(self.slots)}
+        self._lock = threading.Lock()
+        #: slot -> the message committed (or donation split) into it, until it is released
+        self._held: dict[int, Message] = {}
+        #: slots whose message is being committed (a release then ends the commit's hold)
+        self._committing: set[int] = set()
+        #: (sender, message id) -> (header, message, slot) of a message committed whose call
+        #: has not said how it ended
+        self._unsettled: dict[tuple[str, int], tuple[pb.StateHeader, Message, int]] = {}
+        #: slot -> whether a donation's last chunk is out (then its weight may be the joiner's)
+        self._donating: dict[int, bool] = {}
+        self._closing = False
+        self._remote: RemoteServer | None = None
+
+    def serve(
+        self,
+        receiver: Receiver,
+        membership: Membership,
+        reporter: Reporter,
+        listen_host: str,
+        fallback: Callable[[str], GossipServer],
+    ) -> RemoteServer:
+        """Start the child's gRPC server and answer its requests from these parts. When the
+        child dies, `fallback(listen)` serves from this process on `listen_host` and the same
+        port."""
+        self._receiver = receiver
+        self._membership = membership
+        self._reporter = reporter
+        self._threads = [
+            threading.Thread(
+                target=self._answer, args=(conn,), name=f"gosgd-net-answer-{i}", daemon=True
+            )
+            for i, conn in enumerate(self._callers)
+        ]
+        for t in self._threads:
+            t.start()
+        with self._control_lock:
+            self._control.settimeout(START_TIMEOUT_S)
+            try:
+                self._control.send(pickle.dumps(("serve", None)))
+                answer = self._control.recv(RECORD_BYTES)
+            except OSError:
+                answer = b""
+            finally:
+                self._control.settimeout(None)
+        reply: tuple[Any, ...] = (
+            pickle.loads(answer) if answer else ("error", "the network process did not answer")
+        )
+        if reply[0] != "serving":
+            raise OSError(reply[1])
+        _, port, loopback_only = reply
+        self._remote = RemoteServer(self, port, loopback_only, listen_host, fallback)
+        threading.Thread(target=self._watch, name="gosgd-net-watch", daemon=True).start()
+        return self._remote
+
+    def close(self) -> None:
+        self._closing = True
+        super().close()
+        for conn in self._callers:
+            conn.close()
+
+    def tell(self, kind: str, arg: Any) -> bool:
+        """Send a one-way control record to the child; False if it is gone."""
+        if self._dead:
+            return False
+        try:
+            with self._control_lock:
+                self._control.send(pickle.dumps((kind, arg)))
+            return True
+        except OSError:
+            return False
+
+    # --- answering the child's requests (gosgd-net-answer-* threads) ----------------------------
+
+    def _answer(self, conn: socket.socket) -> None:
+        while True:
+            try:
+                request = conn.recv(CALL_BYTES)
+            except OSError:
+                return
+            if not request:
+                return  # the child is gone
+            kind, *args = pickle.loads(request)
+            try:
+                answer: tuple[Any, ...] = ("ok", getattr(self, f"_on_{kind}")(*args))
+            except Reject as reject:
+                answer = ("reject", reject.kind.value, reject.counter.value, reject.reason)
+            except Exception as err:  # the call fails as UNKNOWN, as in threads mode
+                log.exception("the network process's %s request failed", kind)
+                answer = ("error", f"{type(err).__name__}: {err}")
+            try:
+                conn.send(pickle.dumps(answer))
+            except OSError as err:
+                if err.errno != errno.EMSGSIZE:
+                    return  # the child is gone
+                log.error("the answer to a %s request is too large to pass on", kind)
+                conn.send(pickle.dumps(("error", "answer too large")))
+
+    def _on_commit(self, header_bytes: bytes, slot: int) -> tuple[bytes, bool]:
+        header = pb.StateHeader.FromString(header_bytes)
+        with self._lock:  # once committed, it may be merged and released at once
+            self._committing.add(slot)
+        try:
+            # the child asked only while the call was alive; it says how the call ended (settle)
+            ack, msg = self._receiver.commit_unsettled(
+                header, self.slots[slot], lambda: True, self._release
+            )
+        finally:
+            with self._lock:
+                released = slot not in self._committing
+                self._committing.discard(slot)
+        if msg is not None:
+            with self._lock:
+                if not released:
+                    self._held[slot] = msg
+                self._unsettled[header.sender_id, header.message_id] = (header, msg, slot)
+        return ack.SerializeToString(), msg is not None
+
+    def _on_settle(self, sender_id: str, message_id: int, alive: bool) -> None:
+        # the message may be merged already, and its slot released: it is known by its id
+        with self._lock:
+            header, msg, slot = self._unsettled.pop((sender_id, message_id))
+        try:
+            self._receiver.settle_received(header, msg, alive)
+        except Reject:  # taken back out before any merge: the child releases the slot
+            with self._lock:
+                if self._held.get(slot) is msg:
+                    del self._held[slot]
+            raise
+
+    def _on_resolve(self, raw: bytes, peer: str) -> bytes:
+        request = pb.ResolveRequest.FromString(raw)
+        return self._receiver.resolve_push(request, peer).SerializeToString()
+
+    def _on_hello(self, raw: bytes, peer: str) -> bytes:
+        return self._membership.hello(pb.HelloRequest.FromString(raw), peer).SerializeToString()
+
+    def _on_status(self, raw: bytes, peer: str) -> bytes:
+        return self._reporter.status(pb.StatusRequest.FromString(raw), peer).SerializeToString()
+
+    def _on_rejected(self, kind: str, why: str, reason: str, peer: str) -> None:
+        self._receiver.rejected(Reject(Status(kind), Why(why), reason), peer)
+
+    def _on_count(self, why: str) -> None:
+        self._receiver.rejected_quietly(Why(why))
+
+    def _on_donate(self, raw: bytes, peer: str, slot: int) -> bytes:
+        request = pb.FetchRequest.FromString(raw)
+        msg = self._receiver.request_donation(request, self.slots[slot], self._release)
+        with self._lock:  # from here the slot is ours until the donation ends
+            self._held[slot] = msg
+            self._donating[slot] = False
+        msg.ready()
+        return self._receiver.donation_header(msg).SerializeToString()
+
+    def _on_donating_last(self, slot: int) -> None:
+        with self._lock:
+            self._donating[slot] = True
+
+    def _on_donated(self, slot: int, done: bool) -> None:
+        with self._lock:
+            self._donating.pop(slot, None)
+            msg = self._held[slot]
+        if not done:  # back to our inbox: the slot is released when it is merged
+            self._receiver.donation_ended(msg, False)
+        else:
+            self._receiver.donation_ended(msg, True)  # releases the slot
+
+    def _release(self, buf: torch.Tensor) -> None:
+        """A committed message or a donation is done with its slot (any thread)."""
+        slot = self._slot_index[buf.data_ptr()]
+        with self._lock:
+            self._held.pop(slot, None)
+            self._committing.discard(slot)
+            if self._dead:
+                if self._receiver.intake is not None:  # adopted: the node receives itself
+                    self._receiver.intake.pool.release(buf)
+                return  # still being adopted: free, since no longer held
+        self.tell("release", slot)
+
+    # --- the child's death ----------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        self._proc.wait()
+        if self._closing:
+            return
+        assert self._remote is not None
+        self._remote.fall_back()  # at once: our port must answer ResolvePush again
+        self._lost_child("it exited")
+        for t in self._threads:
+            t.join()  # every request it made is answered (or its answer failed) before we look
+        from gosgd_p2p.state import BufferPool
+
+        with self._lock:
+            for header, msg, _ in self._unsettled.values():  # committed: received, ack or not
+                self._receiver.settle_received(header, msg, True)
+            self._unsettled.clear()
+            for slot, last in list(self._donating.items()):
+                msg = self._held[slot]
+                if last:  # its last chunk was out: the joiner may hold the weight
+                    log.error(
+                        "the network process died as it sent a donation's last chunk: its "
+                        "weight %.6g is written off (lost, never counted twice)",
+                        msg.weight,
+                    )
+                    self._receiver.written_off(msg.weight)
+                    del self._held[slot]
+                else:
+                    self._receiver.donation_ended(msg, False)  # releases after the merge
+            self._donating.clear()
+            free = [t for i, t in enumerate(self.slots) if i not in self._held]
+            pool = BufferPool(
+                len(self.slots[0]), len(self.slots), buffers=free, lent=len(self._held)
+            )
+            self._receiver.adopt(pool)
+
+
+class RemoteServer:
+    """The GossipServer of a node whose network process serves gRPC (port, set_serving,
+    stop); after the process dies, the in-process GossipServer that replaced it."""
+
+    def __init__(
+        self,
+        owner: NetworkProcess,
+        port: int,
+        loopback_only: bool,
+        listen_host: str,
+        fallback: Callable[[str], GossipServer],
+    ) -> None:
+        self._owner = owner
+        self.port = port
+        self.loopback_only = loopback_only
+        self._listen_host = listen_host
+        self._fallback = fallback
+        self._lock = threading.Lock()
+        self._serving = False
+        self._stopped = False
+        self._local: GossipServer | None = None
+
+    @property
+    def local(self) -> GossipServer | None:
+        """The server in this process, once the network process is gone."""
+        return self._local
+
+    def set_serving(self, serving: bool) -> None:
+        with self._lock:
+            self._serving = serving
+            if self._local is not None:
+                self._local.set_serving(serving)
+                return
+        self._owner.tell("serving", serving)
+
+    def stop(self, grace: float = 5.0) -> None:
+        with self._lock:
+            self._stopped = True
+            local = self._local
+        if local is not None:
+            local.stop(grace)
+            return
+        if self._owner.tell("stop", grace):
+            # not under the control lock: a call that ends meanwhile may release a slot
+            control = self._owner._control
+            try:
+                control.settimeout(grace + 10.0)
+                control.recv(RECORD_BYTES)  # "stopped", or the end of the child
+            except OSError:
+                pass
+
+    def fall_back(self) -> None:
+        """Serve from this process, on the same port (the network process is gone)."""
+        with self._lock:
+            if self._stopped:
+                return
+            host = self._listen_host
+            if ":" in host and not host.startswith("["):
+                host = f"[{host}]"
+            try:
+                self._local = self._fallback(f"{host}:{self.port}")
+            except OSError as err:
+                log.error("cannot serve gRPC from this process either: %s", err)
+                return
+            self._local.set_serving(self._serving)
+        log.error("gRPC is now served from this process, on port %d", self.port)
+
+
+# --- the child -------------------------------------------------------------------------------
+
+
+class _Slots:
+    """Receive slots by index (the child's; thread-safe): those the node does not hold."""
+
+    def __init__(self, free: list[int]) -> None:
+        self._free = list(free)
+        self._cv = threading.Condition()
+
+    def acquire(self, wait_s: float = 0.0) -> int | None:
+        with self._cv:
+            if not self._free:
+                self._cv.wait(wait_s)
+            return self._free.pop() if self._free else None
+
+    def release(self, slot: int) -> None:
+        with self._cv:
+            self._free.append(slot)
+            self._cv.notify()
+
+
+class _Bridge:
+    """The child's Receiving, Meeting and Reporting: each call is the front half here and a
+    request to the training process (gRPC server threads)."""
+
+    def __init__(self, spec: dict[str, Any], views: list[memoryview]) -> None:
+        server = spec["server"]
+        self._views = views
+        self._callers: queue.Queue[socket.socket] = queue.Queue()
+        for fd in spec["callers"]:
+            self._callers.put(socket.socket(fileno=fd))
+        self._chunk_bytes = server["chunk_bytes"]
+        #: Whether the node accepts pushes (its health status; it decides at commit anyway).
+        self.serving = False
+        expectation = Expectation(
+            server["cluster"],
+            bytes.fromhex(server["fingerprint"]),
+            server["numel"],
+            server["max_weight"],
+        )
+        self.slots = _Slots(list(range(len(views))))
+        self.intake: Intake[int] = Intake(
+            expectation,
+            server["inbox_size"],
+            self.slots,
+            views.__getitem__,
+            self._commit,
+            lambda why: self._call("count", why.value),
+        )
+
+    def _call(self, kind: str, *args: Any) -> Any:
+        conn = self._callers.get()
+        try:
+            conn.send(pickle.dumps((kind, *args)))
+            answer = conn.recv(CALL_BYTES)
+        except OSError:
+            answer = b""
+        finally:
+            self._callers.put(conn)
+        if not answer:
+            os._exit(0)  # the node is gone: so are we
+        outcome, *rest = pickle.loads(answer)
+        if outcome == "reject":
+            raise Reject(Status(rest[0]), Why(rest[1]), rest[2])
+        if outcome == "error":
+            raise RuntimeError(rest[0])
+        return rest[0]
+
+    def receive_push(
+        self,
+        chunks: Iterator[Chunk],
+        peer: str,
+        active: Callable[[], bool],
+        cancel: Callable[[], object],
+    ) -> pb.PushAck:
+        return self.intake.receive(chunks, peer, active, cancel, self._precheck)
+
+    def _precheck(self, header: pb.StateHeader) -> pb.PushAck | None:
+        if not self.serving:
+            raise Reject(Status.PRECONDITION, Why.DRAINING, "node is not accepting pushes")
+        return None
+
+    def _commit(
+        self, header: pb.StateHeader, slot: int, active: Callable[[], bool]
+    ) -> tuple[pb.PushAck, bool]:
+        if not active():
+            raise Reject(Status.INVALID, Why.ABORTED, "the call failed before the message ended")
+        ack, committed = self._call("commit", header.SerializeToString(), slot)
+        if committed:
+            # Reject if taken back out: the slot is ours again
+            self._call("settle", header.sender_id, header.message_id, active())
+        return pb.PushAck.FromString(ack), committed
+
+    def donate_state(self, request: pb.FetchRequest, peer: str) -> Iterator[bytes]:
+        slot = self.slots.acquire()
+        if slot is None:
+            raise Reject(Status.EXHAUSTED, Why.DONATION_BUSY, "no receive buffer free to donate")
+        try:
+            header_bytes = self._call("donate", request.SerializeToString(), peer, slot)
+        except BaseException:
+            self.slots.release(slot)  # the node never took it
+            raise
+        # from here the slot is the node's: it releases it when the donation is settled
+        header = pb.StateHeader.FromString(header_bytes)
+        done = False
+        try:
+            payload = self._views[slot][: header.payload_bytes]
+            chunks = split_for_streaming(header, payload, self._chunk_bytes)
+            last = next(chunks)
+            for chunk in chunks:
+                yield last
+                last = chunk
+            self._call("donating_last", slot)  # were we to die now, the weight is written off
+            yield last
+            done = True
+        finally:
+            self._call("donated", slot, done)
+
+    def resolve_push(self, request: pb.ResolveRequest, peer: str) -> pb.ResolveReply:
+        return pb.ResolveReply.FromString(self._call("resolve", request.SerializeToString(), peer))
+
+    def hello(self, request: pb.HelloRequest, peer: str) -> pb.HelloReply:
+        return pb.HelloReply.FromString(self._call("hello", request.SerializeToString(), peer))
+
+    def status(self, request: pb.StatusRequest, peer: str) -> pb.StatusReply:
+        return pb.StatusReply.FromString(self._call("status", request.SerializeToString(), peer))
+
+    def rejected(self, reject: Reject, peer: str) -> None:
+        self._call("rejected", reject.kind.value, reject.counter.value, reject.reason, peer)
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    control, credentials, client = start_child(spec)
+    views = [memoryview(mmap.mmap(fd, spec["slot_bytes"])) for fd in spec["slots"]]
+    bridge = _Bridge(spec, views)
+    control.send(b"ready")
+    server: GossipServer | None = None
+    while True:
+        try:
+            request = control.recv(RECORD_BYTES)
+        except OSError:
+            request = b""
+        if not request:
+            break  # the node closed us, or died
+        kind, arg = pickle.loads(request)
+        if kind == "forget":
+            client.forget(arg)
+        elif kind == "release":
+            bridge.slots.release(arg)
+        elif kind == "serving":
+            bridge.serving = arg
+            if server is not None:
+                server.set_serving(arg)
+        elif kind == "serve":
+            s = spec["server"]
+            try:
+                server = GossipServer(
+                    bridge, bridge, s["listen"], s["workers"], credentials,
+                    s["receive_timeout_s"], insecure=s["insecure"], reporting=bridge,
+                )  # fmt: skip
+                control.send(pickle.dumps(("serving", server.port, server.loopback_only)))
+            except OSError as err:
+                control.send(pickle.dumps(("error", str(err))))
+        elif kind == "stop":
+            if server is not None:
+                server.stop(arg)
+                server = None
+            control.send(b"stopped")
+    client.close()  # fails the pushes still running; the node settles them
+    os._exit(0)  # without waiting for daemon threads blocked in gRPC calls
+
+
+if __name__ == "__main__":
+    main()
