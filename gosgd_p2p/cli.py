@@ -11,16 +11,15 @@ from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any, NoReturn
 
-from gosgd_p2p.config import NodeConfig, TrainConfig
-from gosgd_p2p.data import DATASETS
-from gosgd_p2p.models import MODELS
+from gosgd_p2p.config import DATASETS, MODELS, SCHEDULES, NodeConfig, TrainConfig
+from gosgd_p2p.wire import ENCODINGS
 
-__all__ = ["build_parser", "configs_from_args", "node_main"]
+__all__ = ["OneLineParser", "add_security_flags", "build_parser", "configs_from_args", "node_main"]
 
 log = logging.getLogger("gosgd_p2p")
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line naming the fix, without the usage dump."""
 
     def error(self, message: str) -> NoReturn:
@@ -31,9 +30,19 @@ def _peer_list(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
+def add_security_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The flags that say how to prove cluster membership (gosgd-node, gosgd-status)."""
+    sec = parser.add_argument_group("security")
+    sec.add_argument("--token-file", default=None, help="file with the cluster secret")
+    sec.add_argument("--tls-cert", default=None, help="this node's certificate (PEM)")
+    sec.add_argument("--tls-key", default=None, help="this node's private key (PEM)")
+    sec.add_argument("--tls-ca", default=None, help="cluster CA (PEM); mutual TLS with the above")
+    return sec
+
+
 def build_parser() -> argparse.ArgumentParser:
     node, train = NodeConfig(), TrainConfig()
-    p = _OneLineParser(
+    p = OneLineParser(
         prog="gosgd-node",
         description="A GoSGD gossip training node: trains a model on its own data, and "
         "exchanges its state with random peers over gRPC.",
@@ -58,13 +67,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=node.discovery_wait_s,
         help="seconds of mDNS listening before founding or joining",
     )
-    sec = p.add_argument_group("security")
-    sec.add_argument("--token-file", default=None, help="file with the cluster secret")
-    sec.add_argument("--tls-cert", default=None, help="this node's certificate (PEM)")
-    sec.add_argument("--tls-key", default=None, help="this node's private key (PEM)")
-    sec.add_argument("--tls-ca", default=None, help="cluster CA (PEM); mutual TLS with the above")
+    sec = add_security_flags(p)
+    sec.add_argument(
+        "--insecure",
+        action="store_true",
+        help="with no token or TLS, answer callers off this host too (a trusted LAN only); "
+        "without it such a node serves loopback callers only",
+    )
     gossip = p.add_argument_group("gossip")
-    gossip.add_argument("--p", type=float, default=node.p, help="push probability per step")
+    gossip.add_argument(
+        "--p", type=float, default=node.p,
+        help="push probability per step (clock: p pushes per step of a typical node)",
+    )  # fmt: skip
+    gossip.add_argument(
+        "--schedule", choices=SCHEDULES, default=node.schedule,
+        help="when to push: clock (a Poisson clock in seconds at the cluster's pace, so a slow "
+        "node does not gather weight), step (the paper's coin per step), weight (a coin "
+        "made stronger above one's share)",
+    )  # fmt: skip
+    gossip.add_argument(
+        "--push-rate", type=float, default=None,
+        help="clock: pushes per second (default: p x the cluster's median step rate)",
+    )  # fmt: skip
     gossip.add_argument("--inbox-size", type=int, default=node.inbox_size)
     gossip.add_argument("--send-buffers", type=int, default=node.send_buffers)
     gossip.add_argument(
@@ -73,15 +97,34 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     gossip.add_argument("--push-timeout", type=float, default=node.push_timeout_s, help="seconds")
     gossip.add_argument(
+        "--encoding", choices=ENCODINGS, default=node.encoding,
+        help="wire encoding of this node's pushes (peers decode any): fp32 exact, bf16 and fp16 "
+        "half the bytes, int8 (blockwise) about a quarter",
+    )  # fmt: skip
+    gossip.add_argument(
+        "--max-send-mbps", type=float, default=None, metavar="MBIT",
+        help="cap the mean rate of this node's pushes at MBIT Mbit/s; a push over it is skipped",
+    )  # fmt: skip
+    gossip.add_argument(
         "--send-process",
         action="store_true",
         help="make pushes in a child process, so gRPC's Python work does not hold the GIL "
         "the training thread needs (small, fast models; Linux)",
     )
     gossip.add_argument(
+        "--network-process",
+        action="store_true",
+        help="serve gRPC and make pushes from a child process that imports no torch, so no "
+        "network work holds the GIL the training thread needs (Linux)",
+    )
+    gossip.add_argument(
         "--wait-for-peers", type=int, default=train.wait_for_peers, help="wait for N live peers"
     )
     gossip.add_argument("--wait-timeout", type=float, default=train.wait_timeout_s)
+    gossip.add_argument(
+        "--join-timeout", type=float, default=node.join_timeout_s,
+        help="seconds a node resuming from a checkpoint waits for a running peer to rejoin from",
+    )  # fmt: skip
     t = p.add_argument_group("training")
     t.add_argument("--model", choices=MODELS, default=train.model)
     t.add_argument("--dataset", choices=DATASETS, default=train.dataset)
@@ -101,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--save-final", default=None, help="torch.save the final state and weight")
     out.add_argument("--checkpoint-dir", default=None, help="resume from and write checkpoints")
     out.add_argument("--checkpoint-every", type=int, default=train.checkpoint_every, help="steps")
+    out.add_argument(
+        "--linger", type=float, default=train.linger_s,
+        help="seconds to stay up after finishing (or until SIGTERM), pushes refused, so "
+        "gosgd-status can read the final weights",
+    )  # fmt: skip
     out.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     out.add_argument(
         "--metrics-port", type=int, default=train.metrics_port, help="Prometheus port; 0 = off"
@@ -125,22 +173,30 @@ def configs_from_args(args: argparse.Namespace) -> tuple[NodeConfig, TrainConfig
         "mdns_interface": args.mdns_interface,
         "discovery_wait_s": args.discovery_wait,
         "p": args.p,
+        "schedule": args.schedule,
+        "push_rate": args.push_rate,
         "seed": args.seed,
         "inbox_size": args.inbox_size,
         "send_buffers": args.send_buffers,
         "chunk_bytes": args.chunk_kib << 10,
         "push_timeout_s": args.push_timeout,
+        "encoding": args.encoding,
+        "max_send_mbps": args.max_send_mbps,
+        "join_timeout_s": args.join_timeout,
         "send_process": args.send_process,
+        "network_process": args.network_process,
         "token_file": args.token_file,
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
         "tls_ca": args.tls_ca,
+        "insecure": args.insecure,
     }
     if args.node_id:
         node_kw["node_id"] = args.node_id
     train_names = {f.name for f in fields(TrainConfig)}
     train_kw = {k: v for k, v in vars(args).items() if k in train_names}
     train_kw["wait_timeout_s"] = args.wait_timeout
+    train_kw["linger_s"] = args.linger
     return NodeConfig(**node_kw), TrainConfig(**train_kw)
 
 

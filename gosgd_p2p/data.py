@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gosgd_p2p.config import DATASETS
+
 # Seed of the fixed digits train/test split; changing it changes every reported digits result.
 DIGITS_SPLIT_SEED = 0
 # Share of the 1797 digits held out for test: ceil(0.2 * 1797) = 360 rows.
@@ -187,8 +189,8 @@ _LOADERS: dict[str, Callable[[str | None], Dataset]] = {
     "synthetic": _load_synthetic,
     "cifar10": _load_cifar10,
 }
-# The names load_dataset accepts: ("digits", "synthetic", "cifar10").
-DATASETS: tuple[str, ...] = tuple(_LOADERS)
+if tuple(_LOADERS) != DATASETS:  # config.DATASETS names them for the CLI, without torch
+    raise ImportError(f"config.DATASETS {DATASETS} does not list the loaders {tuple(_LOADERS)}")
 
 
 def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
@@ -239,12 +241,24 @@ def shard(dataset: Dataset, index: int, count: int) -> Dataset:
 class BatchSampler:
     """An endless stream of ``(x, y)`` mini-batches, reshuffled at the start of every epoch.
 
-    Each epoch visits every example exactly once; its last batch is smaller when ``batch_size``
-    does not divide N. The order depends only on ``seed`` (a private ``torch.Generator``), so it
-    does not disturb or depend on the global RNG. ``epoch`` counts completed epochs.
+    With ``drop_last`` (the default, as in ``DataLoader(drop_last=True)``) every batch holds
+    exactly ``batch_size`` examples: an epoch is the ``N // batch_size`` full batches of a fresh
+    permutation, and the ``N % batch_size`` examples it leaves over sit out that epoch only (the
+    next permutation picks others). A short last batch would give BatchNorm a step, and running
+    statistics, drawn from a handful of examples. When N < ``batch_size`` there is no full batch:
+    every batch is then all N examples, reshuffled, one epoch each; ``batch_len`` says how many a
+    batch holds, and ``short_data_note`` is the line to tell the user.
+
+    ``drop_last=False`` visits every example exactly once per epoch, with a smaller last batch
+    when ``batch_size`` does not divide N.
+
+    The order depends only on ``seed`` (a private ``torch.Generator``), so it does not disturb or
+    depend on the global RNG. ``epoch`` counts completed epochs.
     """
 
-    def __init__(self, x: Tensor, y: Tensor, batch_size: int, seed: int) -> None:
+    def __init__(
+        self, x: Tensor, y: Tensor, batch_size: int, seed: int, drop_last: bool = True
+    ) -> None:
         if len(x) != len(y) or len(x) == 0:
             raise ValueError(
                 f"need equally many, non-zero inputs and labels, got {len(x)}/{len(y)}"
@@ -254,6 +268,11 @@ class BatchSampler:
         self.x = x
         self.y = y
         self.batch_size = batch_size
+        self.drop_last = drop_last
+        # examples in every batch (drop_last), or in every batch but an epoch's last
+        self.batch_len = min(batch_size, len(x))
+        # where an epoch ends in the permutation: after its last full batch with drop_last
+        self._end = len(x) - len(x) % self.batch_len if drop_last else len(x)
         self.epoch = 0
         self._gen = torch.Generator().manual_seed(seed)
         self._order = torch.randperm(len(x), generator=self._gen)
@@ -263,14 +282,28 @@ class BatchSampler:
         return self
 
     def __next__(self) -> tuple[Tensor, Tensor]:
-        if self._pos >= len(self._order):
+        if self._pos >= self._end:
             self._order = torch.randperm(len(self.x), generator=self._gen)
             self._pos = 0
-        idx = self._order[self._pos : self._pos + self.batch_size]
+        idx = self._order[self._pos : min(self._pos + self.batch_len, self._end)]
         self._pos += len(idx)
-        if self._pos >= len(self._order):
+        if self._pos >= self._end:
             self.epoch += 1
         return self.x[idx], self.y[idx]
+
+
+def short_data_note(n: int, batch_size: int, shard_spec: str | None = None) -> str | None:
+    """The one line to show a user whose training set (or shard ``shard_spec``, "i/n") holds
+    fewer than ``batch_size`` examples, so that every ``BatchSampler`` batch is all ``n`` of
+    them; it names the fix. None when a full batch fits."""
+    if n >= batch_size:
+        return None
+    what = f"shard {shard_spec}" if shard_spec else "the training set"
+    fix = f"--batch-size {n} or less" + (", or fewer shards" if shard_spec else "")
+    return (
+        f"{what} has {n} examples, fewer than --batch-size {batch_size}: every step trains on "
+        f"all {n} (use {fix})"
+    )
 
 
 def evaluate(

@@ -2,7 +2,9 @@
 
 Node 0 starts on a free port; the others get its address as their only seed and find each
 other by peer exchange. Every node logs JSON lines and saves its final state, from which the
-demo computes the consensus model sum(a_i x_i) / sum(a_i) and evaluates it.
+demo computes the consensus model sum(a_i x_i) / sum(a_i) and evaluates it. Finished nodes
+linger until every node has finished, so the demo checks the total weight from outside with
+gosgd-status's survey before it stops them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+import grpc
+
+from gosgd_p2p.client import PeerClient
 from gosgd_p2p.plotting import plot_nodes, read_log
+from gosgd_p2p.status import survey
 
 __all__ = ["main"]
 
@@ -68,6 +74,7 @@ def _node_command(args: argparse.Namespace, i: int, out: Path, seed: str | None)
         "--no-mdns",  # wired by seed lists on loopback
         "--log-json", str(out / f"node-{i}.jsonl"),
         "--save-final", str(out / f"node-{i}.pt"),
+        "--linger", str(args.timeout),  # until the demo has asked every node (then SIGTERM)
     ]  # fmt: skip
     if seed:
         cmd += ["--peers", seed]
@@ -111,6 +118,15 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
     return read_log(path) if path.exists() else []
 
 
+def _all_finished(out: Path, n: int) -> bool:
+    """Whether every node has written its final record (and lingers, answering Status)."""
+    for i in range(n):
+        recs = _read_records(out / f"node-{i}.jsonl")
+        if not recs or not recs[-1]["final"]:
+            return False
+    return True
+
+
 def _progress(out: Path, n: int, steps: int) -> str:
     parts = []
     for i in range(n):
@@ -144,6 +160,22 @@ def _consensus_accuracy(out: Path, args: argparse.Namespace, n: int) -> tuple[fl
     return acc, math.fsum(weights)
 
 
+def _short_shard_note(args: argparse.Namespace) -> str | None:
+    """With --shard, the line the smallest node would log when it holds fewer examples than
+    --batch-size (every step then trains on its whole shard); None otherwise, or when the data
+    set cannot be read here (the nodes report that themselves)."""
+    if not args.shard:
+        return None
+    from gosgd_p2p.data import load_dataset, short_data_note
+
+    try:
+        n = len(load_dataset(args.dataset, args.data_dir).train_y)
+    except (ValueError, FileNotFoundError):
+        return None
+    # shard() sizes are n // nodes or one more; shard 0 is always a smallest one
+    return short_data_note(n // args.nodes, args.batch_size, f"0/{args.nodes}")
+
+
 def _plot(out: Path, n: int) -> Path:
     logs = {f"node-{i}": _read_records(out / f"node-{i}.jsonl") for i in range(n)}
     return plot_nodes(logs, out / "accuracy.png", title="GoSGD demo: per-node progress")
@@ -160,6 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         old.unlink()
     print(f"gosgd-demo: {args.nodes} nodes, {args.model} on {args.dataset}, p={args.p}; "
           f"output in {out}")  # fmt: skip
+    note = _short_shard_note(args)
+    if note:
+        print(f"gosgd-demo: note: {note}")
 
     procs: list[subprocess.Popen[str]] = []
     logs: list[IO[str]] = []
@@ -177,11 +212,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             lines = _stdout_lines(proc)
             if seed is None:
                 seed = _wait_for_address(lines, out / "node-0.log", timeout=120)
+                print(f"gosgd-demo: watch the cluster with: gosgd-status {seed} --watch")
 
-        # live progress until every node exits
+        # live progress until every node has finished (or exited)
         deadline = time.monotonic() + args.timeout
         last = ""
-        while any(p.poll() is None for p in procs):
+        while any(p.poll() is None for p in procs) and not _all_finished(out, args.nodes):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nodes still running after {args.timeout:.0f} s")
             line = _progress(out, args.nodes, args.steps)
@@ -191,6 +227,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             time.sleep(0.5)  # a display refresh, not synchronisation
         if tty:
             print()
+        if _all_finished(out, args.nodes):
+            # the finished nodes linger: check the cluster's total weight from outside
+            client = PeerClient()
+            try:
+                status = survey(client, seed or "")
+                print("gosgd-status (every node asked over gRPC, after all finished):")
+                print(status.table())
+                (out / "status.json").write_text(json.dumps(status.to_json(), indent=2))
+            except grpc.RpcError as err:
+                print(f"gosgd-demo: node-0 did not answer Status: {err.code().name}")  # type: ignore[attr-defined]
+            finally:
+                client.close()
     except KeyboardInterrupt:
         print("\ngosgd-demo: interrupted; nodes hand over their weight and stop", file=sys.stderr)
         return 130

@@ -11,19 +11,22 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from gosgd_p2p.config import MODELS
+
 # Width of both hidden layers of the mlp.
 MLP_HIDDEN = 128
 
 
-def _mlp(input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+def mlp(input_shape: tuple[int, int, int], num_classes: int, hidden: int = MLP_HIDDEN) -> nn.Module:
+    """Flatten, then two ReLU layers `hidden` wide, then the classes."""
     channels, height, width = input_shape
     return nn.Sequential(
         nn.Flatten(),
-        nn.Linear(channels * height * width, MLP_HIDDEN),
+        nn.Linear(channels * height * width, hidden),
         nn.ReLU(),
-        nn.Linear(MLP_HIDDEN, MLP_HIDDEN),
+        nn.Linear(hidden, hidden),
         nn.ReLU(),
-        nn.Linear(MLP_HIDDEN, num_classes),
+        nn.Linear(hidden, num_classes),
     )
 
 
@@ -105,12 +108,12 @@ def _resnet18(input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
 
 
 _BUILDERS: dict[str, Callable[[tuple[int, int, int], int], nn.Module]] = {
-    "mlp": _mlp,
+    "mlp": mlp,
     "cnn": _cnn,
     "resnet18": _resnet18,
 }
-# The names build_model accepts: ("mlp", "cnn", "resnet18").
-MODELS: tuple[str, ...] = tuple(_BUILDERS)
+if tuple(_BUILDERS) != MODELS:  # config.MODELS names them for the CLI, without torch
+    raise ImportError(f"config.MODELS {MODELS} does not list the builders {tuple(_BUILDERS)}")
 
 
 def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:

@@ -21,7 +21,14 @@ import torch.nn.functional as F
 
 from gosgd_p2p import checkpoint
 from gosgd_p2p.config import NodeConfig, TrainConfig, cluster_seed, text_seed
-from gosgd_p2p.data import BatchSampler, evaluate, load_dataset, parse_shard, shard
+from gosgd_p2p.data import (
+    BatchSampler,
+    evaluate,
+    load_dataset,
+    parse_shard,
+    shard,
+    short_data_note,
+)
 from gosgd_p2p.metrics import MetricsServer
 from gosgd_p2p.models import build_model
 from gosgd_p2p.node import GossipNode
@@ -71,7 +78,11 @@ def train(
     if cfg.shard:
         data = shard(data, *parse_shard(cfg.shard))
     data_seed = cfg.seed if cfg.seed is not None else text_seed(f"data:{node_cfg.node_id}")
+    # full batches only (BatchSampler's rule): a short one would skew BatchNorm
     batches = BatchSampler(data.train_x, data.train_y, cfg.batch_size, seed=data_seed)
+    note = short_data_note(len(data.train_y), cfg.batch_size, cfg.shard)
+    if note:
+        log.warning("%s", note)
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
 
     # model: every founder builds the same initial state from the cluster seed
@@ -81,27 +92,27 @@ def train(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
 
-    # resume: step and optimizer state always; model and weight if this node founds
+    # resume: step and optimizer state; a node that resumes was a member, so it rejoins (the
+    # state and weight come from a running peer) and never founds anew: its checkpointed weight
+    # may still be held by others, and founding would add a founder's weight to the cluster
     resume = checkpoint.latest(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
-    founder_weight = 1.0
     if resume is not None:
         saved, path = resume
         if saved["node_id"] != node_cfg.node_id:
             log.warning("checkpoint %s belongs to node %s", path, saved["node_id"])
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
-        founder_weight = saved["weight"] if saved["weight"] > 0 else 1.0
 
     with contextlib.ExitStack() as stack:
-        node = GossipNode(model, node_cfg, founder_weight=founder_weight)
+        node = GossipNode(model, node_cfg, member=resume is not None)
         stack.callback(node.close)
         if resume is not None:
             node.step_count = int(resume[0]["step"])
             log.info(
-                "resumed from %s at step %d (%s)",
+                "resumed from %s at step %d (rejoined the cluster), weight %.6g",
                 resume[1],
                 node.step_count,
-                "rejoined the cluster" if node.joined else f"founding with weight {node.weight}",
+                node.weight,
             )
         metrics = None
         if cfg.metrics_port:
@@ -137,7 +148,7 @@ def train(
             else:
                 log.warning(
                     "only %d of %d peers after %.0f s: starting anyway",
-                    len(node.peers.live()),
+                    len(node.peers.pushable()),
                     cfg.wait_for_peers,
                     cfg.wait_timeout_s,
                 )
@@ -190,18 +201,17 @@ def train(
         if cfg.eval_every:
             record(final=False)  # step 0: the state we start from (a joiner's is its donor's)
 
-        # training loop: local step, then gossip (push with probability p, merge the inbox)
+        # training loop: local step, then gossip (push when the schedule says, merge the inbox)
         model.train()
         while node.step_count < cfg.steps and not stop.is_set():
             x, y = next(batches)
-            if len(y) < 2:
-                continue  # a 1-example tail batch breaks BatchNorm in train mode
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             node.step()
+            node.note_loss(loss)  # for gosgd-status: kept on the device until asked
             loss_sum += loss.detach()
             loss_count += 1
             progress.update()
@@ -232,6 +242,10 @@ def train(
                 },
                 cfg.save_final,
             )
+        if cfg.linger_s and not stop.is_set():
+            # finished, still answering Status (gosgd-status reads the final weights)
+            log.info("finished: lingering up to %g s (SIGTERM ends it)", cfg.linger_s)
+            stop.wait(cfg.linger_s)
         return final
 
 
@@ -256,7 +270,7 @@ class Progress:
         acc = "-" if self.last_accuracy is None else f"{self.last_accuracy:.3f}"
         line = (
             f"{node.config.node_id}  step {node.step_count}/{self._steps}  acc {acc}  "
-            f"weight {node.weight:.4g}  peers {len(node.peers.live())}  "
+            f"weight {node.weight:.4g}  peers {len(node.peers.pushable())}  "
             f"sent {counts.get('pushes_acked', 0)}  recv {counts.get('pushes_received', 0)}"
         )
         sys.stderr.write("\r\x1b[2K" + line)
