@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv with torch and gosgd-p2p (editable, with the test tools). Safe to re-run.
+# Create .venv with torch and gosgd-p2p (editable, with the test tools and the optional
+# integrations the tests cover). Safe to re-run.
 #
 #   TORCH_SPEC   the torch to install first (default torch==2.13.0, the CPU build on the
 #                project's machines; on a CUDA host use e.g. "torch" or a CUDA wheel URL)
@@ -14,5 +15,6 @@ PIP=(.venv/bin/python -m pip install --quiet --root-user-action=ignore --disable
 # torch first and alone: the package only asks for torch>=2.2, so this choice sticks
 # (left to the resolver, a bare "torch" pulls a multi-gigabyte CUDA build).
 "${PIP[@]}" "$TORCH_SPEC"
-"${PIP[@]}" -e '.[dev]'
+# the test tools, and the optional integrations the tests run (Lightning, transformers)
+"${PIP[@]}" -e '.[dev,lightning,hf]'
 echo "bootstrap: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
