@@ -1,6 +1,6 @@
 """Benchmark: what encoding and assembling messages cost a training thread that needs the GIL.
 
-    python bench/gil.py [--state-mb 44.7] [--seconds 2] [--repeats 3] [--json PATH]
+    python -m bench.gil [--state-mb 44.7] [--seconds 2] [--repeats 3] [--json PATH]
 
 A GPU training thread spends its time dispatching small ops: Python code between calls that
 release the GIL. Here such a thread runs a loop of small in-place torch ops while another
@@ -21,8 +21,8 @@ import threading
 import time
 
 import torch
-from report import write_json  # bench/report.py, beside this script
 
+from bench.report import write_json
 from gosgd_p2p import wire
 from gosgd_p2p.v1 import gossip_pb2 as pb
 

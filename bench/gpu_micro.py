@@ -1,6 +1,6 @@
 """Benchmark: the device side of one push and one merge of a ResNet-18 state, on CUDA.
 
-    python bench/gpu_micro.py [--model resnet18] [--repeats 50] [--json PATH]
+    python -m bench.gpu_micro [--model resnet18] [--repeats 50] [--json PATH]
 
 Snapshot, four ways: per-tensor `.cpu()`, one flat copy into pageable memory, one flat copy
 into a pinned buffer (end to end), and the node's own path (gosgd_p2p.staging: gather on the
@@ -21,8 +21,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from report import write_json  # bench/report.py, beside this script
 
+from bench.report import write_json
+from bench.timing import times_s
 from gosgd_p2p import algorithm
 from gosgd_p2p.models import build_model
 from gosgd_p2p.staging import Staging
@@ -31,17 +32,7 @@ from gosgd_p2p.state import StateLayout, module_state
 
 def median_s(fn: Callable[[], Any], repeats: int) -> float:
     """Median wall time of fn() with the device idle before and done after each call."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return statistics.median(times_s(fn, repeats, warmup=3, sync=torch.cuda.synchronize))
 
 
 def main() -> None:

@@ -6,7 +6,9 @@
 # sender_placement_gpu_host.json, run.txt (9 files);
 # docs/benchmarks.md quotes them.
 #
-#   bash bench/gpu_run.sh          # ~6-7 minutes on an H200 host with 16 cores
+#   bash bench/gpu_run.sh          # its expected length: docs/benchmarks.md
+#   DEVICE=cpu QUICK=1 OUT=/tmp/gpu-check PYTHON=.venv/bin/python bash bench/gpu_run.sh
+#                                  # a check of the script on a host without a GPU (minutes)
 #
 # The host's python3 must have torch with CUDA. Missing packages may travel as wheels in .whl/
 # (WHEELS=.whl, installed into /tmp/site, nothing else touched). Each step has its own time limit, and a
@@ -15,6 +17,17 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
 PY=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu: the same steps on a host without a GPU (a check of the script)
+QUICK=${QUICK:-}  # QUICK=1: every step, shrunk to check the script in minutes (not a measurement)
+if [ -n "$QUICK" ]; then
+    OVERHEAD=(--models mlp --batch-size 32 --steps 50 --warmup 5)
+    TRANSPORT=(--sizes 16 --chunks-kib 1024 --repeats 1)
+    PLACEMENT=(--repeats 1 --steps 300 --placements node,network,receive,netrecv)
+else
+    OVERHEAD=(--models resnet18 --batch-size 128 --steps 200 --warmup 30)
+    TRANSPORT=(--sizes 16,64,256 --chunks-kib 1024,4096 --repeats 5)
+    PLACEMENT=(--repeats 2)
+fi
 WHEELS=${WHEELS-.whl}  # a folder of wheels to install first; empty: none
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -45,20 +58,20 @@ print("torch", torch.__version__, "grpc", grpc.__version__, "protobuf", p.__vers
       "isal", isal.__version__, "cuda", torch.cuda.is_available())'
     } 2>&1 | tee "$OUT/env.txt"
     step tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_wire.py \
-        tests/test_node.py tests/test_malloc.py tests/test_send_process.py 2>&1 | tee "$OUT/pytest.txt" | tail -15
-    step gpu_micro 60 "$PY" bench/gpu_micro.py --json "$OUT/gpu_micro.json"
-    step overhead 240 "$PY" bench/overhead.py --models resnet18 --device cuda --batch-size 128 \
-        --steps 200 --warmup 30 --chunks-kib 1024,4096 --send-process \
-        --json "$OUT/overhead_gpu.json"
-    step transport 120 "$PY" bench/transport.py --sizes 16,64,256 --chunks-kib 1024,4096 \
-        --repeats 5 --json "$OUT/transport_gpu_host.json"
-    if [ -f bench/time_to_accuracy.py ]; then
-        step time_to_accuracy 120 "$PY" bench/time_to_accuracy.py --repeats 3 \
+        tests/test_node.py tests/test_malloc.py tests/test_send_process.py \
+        tests/test_network_process.py 2>&1 | tee "$OUT/pytest.txt" | tail -15
+    [ "$DEVICE" = cuda ] && step gpu_micro 60 "$PY" -m bench.gpu_micro --json "$OUT/gpu_micro.json"
+    step overhead 300 "$PY" -m bench.overhead "${OVERHEAD[@]}" --device "$DEVICE" \
+        --chunks-kib 1024,4096 --send-process --network-process --json "$OUT/overhead_gpu.json"
+    step transport 120 "$PY" -m bench.transport "${TRANSPORT[@]}" \
+        --json "$OUT/transport_gpu_host.json"
+    if [ -d bench/time_to_accuracy ] && [ -z "$QUICK" ]; then
+        step time_to_accuracy 120 "$PY" -m bench.time_to_accuracy --repeats 3 \
             --json "$OUT/time_to_accuracy_gpu_host.json" ${TTA_ARGS:-}
-        step time_to_accuracy_cnn 120 "$PY" bench/time_to_accuracy.py --model cnn --repeats 3 \
+        step time_to_accuracy_cnn 120 "$PY" -m bench.time_to_accuracy --model cnn --repeats 3 \
             --json "$OUT/time_to_accuracy_cnn_gpu_host.json" ${TTA_ARGS:-}
     fi
     # GIL or CPU with 16 cores (last: the step limits add up to more than one 600 s call)
-    step sender_placement 120 "$PY" bench/sender_placement.py --repeats 2 \
+    step sender_placement 180 "$PY" -m bench.sender_placement "${PLACEMENT[@]}" \
         --json "$OUT/sender_placement_gpu_host.json"
 } 2>&1 | tee "$OUT/run.txt"

@@ -1,6 +1,7 @@
 """Benchmark: what gossip costs the training loop, at p = 0, 0.1 and 1.0.
 
-    python bench/overhead.py [--models mlp,cnn] [--steps 300] [--send-process] [--json PATH]
+    python -m bench.overhead [--models mlp,cnn] [--steps 300] [--send-process]
+        [--network-process] [--json PATH]
 
 For each model and p, a fresh process trains one node with the built-in loop shape (forward,
 backward, SGD step, node.step()) while a sink node in another process takes its pushes (and
@@ -13,47 +14,16 @@ memory on a GPU). Ratios are against p = 0 measured in the same run. On a CUDA m
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import queue
 import resource
 import sys
 import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from report import write_json  # bench/report.py, beside this script
-from sink import release_unmerged  # bench/sink.py
-from soak import rss_mb  # bench/soak.py
 
+from bench import procs, sink, workloads
+from bench.report import write_json
 from gosgd_p2p.wire import CHUNK_BYTES
-
-CLUSTER = "overhead"
-
-
-def _model(name: str, device: str) -> torch.nn.Module:
-    from gosgd_p2p.config import cluster_seed
-    from gosgd_p2p.models import build_model
-
-    torch.manual_seed(cluster_seed(CLUSTER))
-    shape = (3, 32, 32) if name == "resnet18" else (1, 8, 8)
-    return build_model(name, shape, 10).to(device)
-
-
-def sink(model_name: str, ready: Any, stop: Any) -> None:
-    """A peer that acknowledges every push and drops it."""
-    from gosgd_p2p import GossipNode, NodeConfig
-
-    torch.set_num_threads(1)
-    node = GossipNode(
-        _model(model_name, "cpu"),
-        NodeConfig(node_id="sink", cluster=CLUSTER, p=0.0, mdns=False, inbox_size=8),
-    )
-
-    release_unmerged(node, stop, every_s=0.001)
-    ready.put(node.address)
-    stop.wait()
-    node.close()
 
 
 def trainer(args: dict[str, Any], out: Any) -> None:
@@ -64,31 +34,24 @@ def trainer(args: dict[str, Any], out: Any) -> None:
     if args["switch_interval"]:
         sys.setswitchinterval(args["switch_interval"])
     device = args["device"]
-    model = _model(args["model"], device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    shape = (3, 32, 32) if args["model"] == "resnet18" else (1, 8, 8)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(args["batch_size"], *shape, generator=gen).to(device)
-    y = torch.randint(0, 10, (args["batch_size"],), generator=gen).to(device)
+    work = workloads.workload(args["model"], args["batch_size"], device)
     node = GossipNode(
-        model,
+        work.model,
         NodeConfig(
             node_id="t",
-            cluster=CLUSTER,
+            cluster=workloads.CLUSTER,
             p=args["p"],
             peers=[args["sink"]],
             mdns=False,
             chunk_bytes=args["chunk_bytes"],
-            send_process=args["send_process"],
+            send_process=args["mode"] == "send_process",
+            network_process=args["mode"] == "network_process",
         ),  # fmt: skip
     )
     cuda = device.startswith("cuda")
 
     def step() -> None:
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        work.step()
         node.step()
 
     for _ in range(args["warmup"]):
@@ -103,7 +66,7 @@ def trainer(args: dict[str, Any], out: Any) -> None:
     per_step = (time.perf_counter() - started) / args["steps"]
     pushes = node.counters.get("pushes_started")
     child = node.send_process_pid
-    child_mb = (rss_mb(child, "VmHWM") or 0.0) if child is not None else 0.0
+    child_mb = (procs.rss_mb(child, "VmHWM") or 0.0) if child is not None else 0.0
     node.finish()
     node.close()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -111,52 +74,30 @@ def trainer(args: dict[str, Any], out: Any) -> None:
     out.put((per_step, peak_mb, gpu_mb, pushes, child_mb))
 
 
-def _result(proc: Any, out: Any, limit_s: float) -> Any:
-    """The trainer's result; fails at once if it died instead of waiting out the limit."""
-    deadline = time.monotonic() + limit_s
-    while True:
-        try:
-            return out.get(timeout=1.0)
-        except queue.Empty:
-            if not proc.is_alive():
-                raise RuntimeError(f"trainer exited with code {proc.exitcode}") from None
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise TimeoutError(f"trainer gave no result in {limit_s} s") from None
-
-
 def run(model: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    ctx = mp.get_context("spawn")
-    ready, stop = ctx.Queue(), ctx.Event()
-    sink_proc = ctx.Process(target=sink, args=(model, ready, stop))
-    sink_proc.start()
     rows = []
-    try:
-        address = ready.get(timeout=120)
-        runs = [(0.0, CHUNK_BYTES, False)]
-        runs += [(p, c, False) for c in args.chunk_sizes for p in (0.1, 1.0)]
-        if args.send_process:
-            runs += [(p, CHUNK_BYTES, True) for p in (0.1, 1.0)]
-        for p, chunk_bytes, send_process in runs:
-            out = ctx.Queue()
+    with sink.running(model) as (address, _):
+        runs = [(0.0, CHUNK_BYTES, "threads")]
+        runs += [(p, c, "threads") for c in args.chunk_sizes for p in (0.1, 1.0)]
+        for mode in ("send_process", "network_process"):
+            if getattr(args, mode):
+                runs += [(p, CHUNK_BYTES, mode) for p in (0.1, 1.0)]
+        for p, chunk_bytes, mode in runs:
             job = {
                 "model": model, "p": p, "sink": address, "steps": args.steps,
                 "warmup": args.warmup, "device": args.device, "threads": args.threads,
                 "batch_size": args.batch_size, "switch_interval": args.switch_interval,
-                "chunk_bytes": chunk_bytes, "send_process": send_process,
+                "chunk_bytes": chunk_bytes, "mode": mode,
             }  # fmt: skip
-            proc = ctx.Process(target=trainer, args=(job, out))
-            proc.start()
-            per_step, rss, gpu, pushes, child_mb = _result(proc, out, limit_s=1800)
-            proc.join(60)
+            per_step, rss, gpu, pushes, child_mb = procs.run_job(
+                trainer, job, limit_s=1800, name="trainer"
+            )
             rows.append(
                 {"model": model, "p": p, "chunk_kib": chunk_bytes >> 10, "step_s": per_step,
                  "peak_rss_mb": rss, "peak_gpu_mb": gpu, "pushes": pushes,
-                 "send_process": send_process, "send_process_rss_mb": child_mb}
+                 "mode": mode, "send_process": mode == "send_process",
+                 "send_process_rss_mb": child_mb}
             )  # fmt: skip
-    finally:
-        stop.set()
-        sink_proc.join(30)
     base = rows[0]
     for r in rows:
         r["slowdown"] = r["step_s"] / base["step_s"]
@@ -181,6 +122,11 @@ def main() -> None:
         "--send-process", action="store_true",
         help="also run p = 0.1 and 1.0 with the pushes made by a child process (send_process)",
     )  # fmt: skip
+    parser.add_argument(
+        "--network-process", action="store_true",
+        help="also run p = 0.1 and 1.0 with gRPC served and pushes made by a child process "
+        "(network_process)",
+    )  # fmt: skip
     parser.add_argument("--json", default="bench/results/overhead.json")
     args = parser.parse_args()
     args.chunk_sizes = [int(k) << 10 for k in args.chunks_kib.split(",")]
@@ -188,7 +134,8 @@ def main() -> None:
     print(f"{'model':>9} {'p':>5} {'sender':>6} {'chunk':>9} {'step ms':>8} {'slowdown':>9} "
           f"{'pushes':>7} {'peak RSS MB':>12} {'RSS ratio':>10} {'GPU MB':>7}")  # fmt: skip
     for r in rows:
-        sender = f"+{r['send_process_rss_mb']:.0f}" if r["send_process"] else "node"
+        child = {"send_process": "s", "network_process": "n"}.get(r["mode"])
+        sender = f"{child}+{r['send_process_rss_mb']:.0f}" if child else "node"
         print(
             f"{r['model']:>9} {r['p']:>5} {sender:>6} {r['chunk_kib']:>5} KiB "
             f"{r['step_s'] * 1e3:>8.3f} "

@@ -1,4 +1,5 @@
-"""What every benchmark writes: its results as JSON, with the date and the machine."""
+"""What every benchmark writes: its results as JSON, with the date and the machine, and the
+cells of its printed tables."""
 
 from __future__ import annotations
 
@@ -22,3 +23,8 @@ def write_json(path: str, benchmark: str, **results: Any) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+def fmt(value: Any, spec: str, suffix: str = "") -> str:
+    """A table cell: `value` formatted by `spec` (then `suffix`), or "-" when it is None."""
+    return "-" if value is None else format(value, spec) + suffix

@@ -1,11 +1,11 @@
 """Benchmark: where the sender runs, and what each push costs the training loop there.
 
-    python bench/sender_placement.py [--model mlp] [--p 0.1] [--steps 3000] [--repeats 5]
+    python -m bench.sender_placement [--model mlp] [--p 0.1] [--steps 3000] [--repeats 5]
         [--rate 200] [--placements node,sendproc,...] [--pin]
         [--json bench/results/sender_placement.json]
 
-The overhead benchmark shows that a small, fast model (mlp: 104 KB state, 0.4 ms step) pays
-far more for gossip at p = 0.1 than a bigger one does. This asks why: is it the GIL the sender
+The overhead benchmark shows that a small, fast model (the mlp: a small state, a short step)
+pays far more for gossip at p = 0.1 than a bigger one does. This asks why: is it the GIL the sender
 shares with the training thread (then a sender in another process would remove it), or the
 CPU each push costs on a small machine (then it would not)? One trainer process trains with
 the overhead benchmark's loop while a sink node in another process takes every push and drops
@@ -13,6 +13,8 @@ it (bench/sink.py); the pushes go out in one of these ways:
   node     the project's GossipNode at push probability p (its sender threads);
   sendproc the same node with send_process: its pushes are made by a child process, from
            shared send buffers (gosgd_p2p.sendproc);
+  network  the same node with network_process: its gRPC server and its pushes run in a child
+           process without torch (gosgd_p2p.netproc);
   thread   one thread of the trainer streams the message with grpc's sync API;
   asyncio  an asyncio event loop on one thread of the trainer streams it with grpc.aio;
   process  the trainer copies its state into shared memory and signals a sender process over
@@ -25,6 +27,8 @@ it (bench/sink.py); the pushes go out in one of these ways:
            another process sends it with the node's client (PeerClient) at --rate messages a
            second, and merges them (its server threads run in the trainer's process, as in
            every node).
+  netrecv  `receive` with the trainer's node in network_process mode: its server runs in the
+           child, which hands each message over through a shared receive slot.
 The raw placements (thread, asyncio, process) send the same wire chunks (wire.split_for_
 streaming) and keep one push in flight: a draw that finds the sender busy is skipped. Every
 placement runs in a fresh trainer process, interleaved over the repeats; `none` (p = 0) is the
@@ -50,20 +54,29 @@ from typing import Any
 
 import grpc
 import torch
-import torch.nn.functional as F
-from overhead import CLUSTER, _model, _result, sink  # bench/overhead.py, beside this script
-from report import write_json  # bench/report.py, beside this script
 
+from bench import procs, sink, workloads
+from bench.report import fmt, write_json
+from bench.workloads import CLUSTER
 from gosgd_p2p.client import PeerClient
 from gosgd_p2p.state import StateLayout, module_state
 from gosgd_p2p.v1 import gossip_pb2 as pb
 from gosgd_p2p.wire import PROTOCOL_VERSION, split_for_streaming
 
-PLACEMENTS = ("none", "node", "sendproc", "thread", "asyncio", "process", "unary", "receive")
+PLACEMENTS = (
+    "none", "node", "sendproc", "network", "thread", "asyncio", "process", "unary", "receive",
+    "netrecv",
+)  # fmt: skip
+#: The placements that run a GossipNode, and whether it pushes (else it receives or idles).
+NODE_PUSHES = {
+    "none": False, "node": True, "sendproc": True, "network": True, "receive": False,
+    "netrecv": False,
+}  # fmt: skip
 METHOD = "/gosgd_p2p.v1.Gossip/PushState"
 UNARY_PROBE = "/grpc.health.v1.Health/Check"
 TIMEOUT_S = 10.0
 READY_TIMEOUT_S = 120.0
+BATCH_SIZE = 32
 
 
 def _header(layout: StateLayout, sender: str, message_id: int) -> pb.StateHeader:
@@ -93,7 +106,7 @@ def _send_unary(
 
 def sender_process(address: str, model: str, shm_name: str, conn: Any) -> None:
     """The `process` placement's sender: one push of the shared buffer per message id received."""
-    layout = StateLayout(module_state(_model(model, "cpu")))
+    layout = StateLayout(module_state(workloads.model(model, "cpu")))
     shm = shared_memory.SharedMemory(name=shm_name)
     try:
         data = shm.buf[: layout.nbytes]
@@ -112,7 +125,7 @@ def sender_process(address: str, model: str, shm_name: str, conn: Any) -> None:
 def pusher_process(address: str, model: str, rate: float, conn: Any) -> None:
     """The `receive` placement's peer: after "go", pushes to `address` at `rate` a second until
     "stop", then sends back how many it pushed."""
-    layout = StateLayout(module_state(_model(model, "cpu")))
+    layout = StateLayout(module_state(workloads.model(model, "cpu")))
     data = memoryview(bytearray(layout.nbytes))  # zeros: a valid state
     pushed = 0
     client = PeerClient()  # the calls a node makes: PushMessage for a state of one chunk
@@ -264,29 +277,29 @@ def other_cpus() -> set[int]:
 
 
 def trainer(job: dict[str, Any], out: Any) -> None:
-    """Train job["steps"] steps with the job's placement; put (mean step s, pushes)."""
+    """Train job["steps"] steps with the job's placement; put (mean step s, pushes, peak RSS
+    MB of this process, peak RSS MB of the node's child process or 0)."""
     from gosgd_p2p import GossipNode, NodeConfig
 
     if job["pin"]:
         os.sched_setaffinity(0, {0})  # before any thread starts: they all inherit it
     torch.set_num_threads(1)
-    model = _model(job["model"], "cpu")
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(32, 1, 8, 8, generator=gen), torch.randint(0, 10, (32,), generator=gen)
+    work = workloads.workload(job["model"], BATCH_SIZE, "cpu")
+    model = work.model
     placement, p = job["placement"], job["p"]
     state = [t for _, t in module_state(model)]
     layout = StateLayout(module_state(model))
     node = raw = None
     pusher = None
-    if placement in ("none", "node", "sendproc", "receive"):
-        pushing = placement in ("node", "sendproc")
+    if placement in NODE_PUSHES:
+        pushing = NODE_PUSHES[placement]
         node = GossipNode(
             model,
             NodeConfig(node_id=f"t{os.getpid()}", cluster=CLUSTER, p=p if pushing else 0.0,
-                       peers=[job["sink"]], mdns=False, send_process=placement == "sendproc"),
+                       peers=[job["sink"]], mdns=False, send_process=placement == "sendproc",
+                       network_process=placement in ("network", "netrecv")),
         )  # fmt: skip
-        if placement == "receive":
+        if placement in ("receive", "netrecv"):
             ctx = mp.get_context("spawn")
             pusher, theirs = ctx.Pipe()
             proc = ctx.Process(
@@ -310,10 +323,7 @@ def trainer(job: dict[str, Any], out: Any) -> None:
 
     def step() -> None:
         nonlocal pushes
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        work.step()
         if node is not None:
             node.step()
         elif rng.random() < p and raw is not None and not raw.busy():
@@ -340,8 +350,11 @@ def trainer(job: dict[str, Any], out: Any) -> None:
             raise TimeoutError("the pusher did not stop")
         pusher.recv()
         proc.join(TIMEOUT_S)
+    child_mb = 0.0
     if node is not None:
         pushes = node.counters.get(counted) - before
+        child = node.send_process_pid
+        child_mb = (procs.rss_mb(child, "VmHWM") or 0.0) if child is not None else 0.0
         node.finish()
         node.close()
     elif raw is not None:
@@ -351,7 +364,7 @@ def trainer(job: dict[str, Any], out: Any) -> None:
         raw.close()
         if raw.errors:
             raise RuntimeError(f"{placement}: {len(raw.errors)} failed pushes: {raw.errors[0]!r}")
-    out.put((per_step, pushes))
+    out.put((per_step, pushes, procs.rss_mb(os.getpid(), "VmHWM") or 0.0, child_mb))
 
 
 def main() -> None:
@@ -377,42 +390,38 @@ def main() -> None:
     chosen = ["none"] + [n for n in args.placements.split(",") if n in PLACEMENTS and n != "none"]
     if unknown := set(args.placements.split(",")) - set(PLACEMENTS):
         parser.error(f"unknown placements: {', '.join(sorted(unknown))}")
-    ctx = mp.get_context("spawn")
-    ready, stop = ctx.Queue(), ctx.Event()
-    sink_proc = ctx.Process(target=sink, args=(args.model, ready, stop))
-    sink_proc.start()
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in chosen}
-    try:
-        address = ready.get(timeout=120)
+    with sink.running(args.model) as (address, sink_pid):
         if args.pin:
-            pin_all(sink_proc.pid, other_cpus())
+            pin_all(sink_pid, other_cpus())
         for _ in range(args.repeats):  # interleaved, so drift hits every placement alike
             for placement in chosen:
-                out = ctx.Queue()
                 job = {"placement": placement, "p": args.p, "sink": address, "model": args.model,
                        "steps": args.steps, "warmup": args.warmup, "rate": args.rate,
                        "pin": args.pin}  # fmt: skip
-                proc = ctx.Process(target=trainer, args=(job, out))
-                proc.start()
-                per_step, pushes = _result(proc, out, limit_s=600)
-                proc.join(60)
-                runs[placement].append({"step_s": per_step, "pushes": pushes})
+                per_step, pushes, rss_mb, child_mb = procs.run_job(
+                    trainer, job, limit_s=600, name="trainer"
+                )
+                row = {"step_s": per_step, "pushes": pushes, "peak_rss_mb": rss_mb,
+                       "child_peak_rss_mb": child_mb}  # fmt: skip
+                runs[placement].append(row)
                 print(f"  {placement:<8} {per_step * 1e3:.4f} ms/step, {pushes} pushes", flush=True)
-    finally:
-        stop.set()
-        sink_proc.join(30)
     base = statistics.median(r["step_s"] for r in runs["none"])
-    print(f"{'placement':<9} {'step ms':>8} {'slowdown':>9} {'pushes':>7} {'lost ms/push':>13}")
+    print(f"{'placement':<9} {'step ms':>8} {'slowdown':>9} {'pushes':>7} {'lost ms/push':>13} "
+          f"{'RSS MB':>7} {'child MB':>9}")  # fmt: skip
     summary = {}
     for placement, rows in runs.items():
         step_s = statistics.median(r["step_s"] for r in rows)
         pushes = statistics.median(r["pushes"] for r in rows)
         lost = (step_s - base) * args.steps / pushes * 1e3 if pushes else None
+        rss = max(r["peak_rss_mb"] for r in rows)
+        child = max(r["child_peak_rss_mb"] for r in rows)
         summary[placement] = {"step_s": step_s, "slowdown": step_s / base, "pushes": pushes,
-                              "lost_ms_per_push": lost}  # fmt: skip
+                              "lost_ms_per_push": lost, "peak_rss_mb": rss,
+                              "child_peak_rss_mb": child}  # fmt: skip
         print(
             f"{placement:<9} {step_s * 1e3:>8.4f} {step_s / base:>8.3f}x {pushes:>7.0f} "
-            f"{'-' if lost is None else format(lost, '.2f'):>13}"
+            f"{fmt(lost, '.2f'):>13} {rss:>7.0f} {child:>9.0f}"
         )
     write_json(args.json, "sender_placement", model=args.model, p=args.p, steps=args.steps,
                receive_rate=args.rate, pinned=args.pin, median=summary, runs=runs)  # fmt: skip

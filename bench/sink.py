@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing as mp
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
+
+import torch
+
+from bench import workloads
+
+READY_TIMEOUT_S = 120.0  # spawn, imports and the node's server
+STOP_TIMEOUT_S = 30.0
 
 
 def release_unmerged(node: Any, stop: Any, every_s: float) -> threading.Thread:
@@ -21,3 +31,48 @@ def release_unmerged(node: Any, stop: Any, every_s: float) -> threading.Thread:
     thread = threading.Thread(target=drain, name="bench-sink", daemon=True)
     thread.start()
     return thread
+
+
+def sink_node(
+    model: torch.nn.Module,
+    cluster: str,
+    stop: Any,
+    every_s: float,
+    node_id: str = "sink",
+    inbox_size: int = 8,
+) -> Any:
+    """A GossipNode at p = 0 (no mDNS) whose received messages are dropped unmerged."""
+    from gosgd_p2p import GossipNode, NodeConfig
+
+    node = GossipNode(
+        model,
+        NodeConfig(node_id=node_id, cluster=cluster, p=0.0, mdns=False, inbox_size=inbox_size),
+    )
+    release_unmerged(node, stop, every_s)
+    return node
+
+
+def serve(model_name: str, ready: Any, stop: Any) -> None:
+    """A sink process: a peer with the workloads' model `model_name` that acknowledges every
+    push and drops it; puts its address on `ready`, serves until `stop`."""
+    torch.set_num_threads(1)
+    node = sink_node(workloads.model(model_name, "cpu"), workloads.CLUSTER, stop, every_s=0.001)
+    ready.put(node.address)
+    stop.wait()
+    node.close()
+
+
+@contextlib.contextmanager
+def running(model_name: str) -> Iterator[tuple[str, int]]:
+    """A sink process for the whole `with` block: yields its (address, pid)."""
+    ctx = mp.get_context("spawn")
+    ready, stop = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=serve, args=(model_name, ready, stop), name="sink")
+    proc.start()
+    try:
+        address = ready.get(timeout=READY_TIMEOUT_S)
+        assert proc.pid is not None
+        yield address, proc.pid
+    finally:
+        stop.set()
+        proc.join(STOP_TIMEOUT_S)

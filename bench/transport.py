@@ -1,6 +1,6 @@
 """Benchmark: streaming a state between two processes on loopback, PushState against raw TCP.
 
-    python bench/transport.py [--sizes 16,64,256] [--chunks-kib 1024,4096] [--repeats 5]
+    python -m bench.transport [--sizes 16,64,256] [--chunks-kib 1024,4096] [--repeats 5]
                               [--json PATH]
 
 The receiver is a separate process running a real GossipNode: every push goes through the
@@ -22,9 +22,10 @@ import statistics
 from typing import Any
 
 import torch
-from report import write_json  # bench/report.py, beside this script
-from sink import release_unmerged  # bench/sink.py
-from timing import times_s  # bench/timing.py
+
+from bench.report import write_json
+from bench.sink import sink_node
+from bench.timing import times_s
 
 
 class Flat(torch.nn.Module):
@@ -42,15 +43,10 @@ def receiver(nbytes: int, ready: Any, stop: Any) -> None:
 
     import grpc
 
-    from gosgd_p2p import GossipNode, NodeConfig
     from gosgd_p2p.wire import grpc_options
 
     torch.set_num_threads(1)
-    node = GossipNode(
-        Flat(nbytes), NodeConfig(node_id="rx", cluster="bench", p=0.0, mdns=False, inbox_size=2)
-    )
-
-    release_unmerged(node, stop, every_s=0.0005)
+    node = sink_node(Flat(nbytes), "bench", stop, every_s=0.0005, node_id="rx", inbox_size=2)
     sink = socket.create_server(("127.0.0.1", 0))
     buf = bytearray(nbytes)
 

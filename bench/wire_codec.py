@@ -6,7 +6,7 @@ Compares, in the same run:
 - snapshot into a preallocated flat buffer, for a ResNet-18 state: one `copy_` per tensor into
   its slice against one `torch.cat(..., out=flat)` (what StateLayout.flatten_into does).
 
-Prints a table with ratios and writes JSON. Usage: python bench/wire_codec.py [--json PATH]
+Prints a table with ratios and writes JSON. Usage: python -m bench.wire_codec [--json PATH]
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import argparse
 from collections.abc import Callable
 
 import torch
-from report import write_json  # bench/report.py, beside this script
-from timing import times_s  # bench/timing.py
 
+from bench.report import write_json
+from bench.timing import times_s
 from gosgd_p2p.models import build_model
 from gosgd_p2p.state import StateLayout, module_state
 from gosgd_p2p.v1 import gossip_pb2 as pb
