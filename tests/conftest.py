@@ -17,9 +17,51 @@ import pytest
 import torch
 
 from gosgd_p2p import NodeConfig
+from gosgd_p2p.node import GossipNode
 
 # Several nodes share two cores in these tests: one torch thread each avoids oversubscription.
 torch.set_num_threads(1)
+
+#: How test nodes serve and push, --push-mode: "threads" (the default, all in the node's
+#: process), "process" (network_process: gRPC served and pushes made by a child process
+#: without torch) or "sendproc" (send_process: only the pushes made by a child process).
+PUSH_MODES = ("threads", "process", "sendproc")
+#: The NodeConfig field and gosgd-node flag of each mode that runs a child process.
+CHILD_OF_MODE = {
+    "process": ("network_process", "--network-process"),
+    "sendproc": ("send_process", "--send-process"),
+}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--push-mode",
+        choices=PUSH_MODES,
+        default="threads",
+        help="process: every test node and daemon that can serves gRPC and pushes from a "
+        "network process; sendproc: pushes through a send process",
+    )
+
+
+@pytest.fixture(autouse=True)
+def push_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The push mode of this run. In "process" mode every GossipNode made without an injected
+    client (which needs the node's own threads) serves gRPC and pushes from a network process;
+    in "sendproc" mode it pushes through a send process. A test that reaches into a node's
+    receiver in this process opts that node out with network_process=False."""
+    mode: str = request.config.getoption("--push-mode")
+    if mode in CHILD_OF_MODE:
+        real_init = GossipNode.__init__
+        field, _ = CHILD_OF_MODE[mode]
+
+        def init(self: GossipNode, model: Any, config: Any = None, **kw: Any) -> None:
+            asked = kw.get("send_process", getattr(config, "send_process", False))
+            if kw.get("client") is None and not asked:  # a send_process test keeps its mode
+                kw.setdefault(field, True)
+            real_init(self, model, config, **kw)
+
+        monkeypatch.setattr(GossipNode, "__init__", init)
+    return mode
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -121,11 +163,14 @@ class NodeProcess:
 
 
 @pytest.fixture
-def node_processes(tmp_path: Path):
+def node_processes(tmp_path: Path, push_mode: str):
     """Factory of NodeProcess; every process still running at teardown is killed."""
     started: list[NodeProcess] = []
 
     def start(node_id: str, *args: str, **kw: Any) -> NodeProcess:
+        chosen = any(flag in args for _, flag in CHILD_OF_MODE.values())
+        if push_mode in CHILD_OF_MODE and not chosen:
+            args = (*args, CHILD_OF_MODE[push_mode][1])
         node = NodeProcess(tmp_path, node_id, *args, **kw)
         started.append(node)
         return node
@@ -135,3 +180,13 @@ def node_processes(tmp_path: Path):
         if node.proc.poll() is None:
             node.proc.kill()
             node.wait(10)
+
+
+@pytest.fixture
+def lab():
+    """A private network lab (namespaces, a bridge); torn down after the test."""
+    from netns import Lab
+
+    lab = Lab()
+    yield lab
+    lab.close()

@@ -17,6 +17,8 @@ import shutil
 import subprocess
 import uuid
 
+import pytest
+
 SUBNET = "10.213.0"  # addresses exist only inside the lab's namespaces
 
 
@@ -101,3 +103,8 @@ class Lab:
         for ns in reversed(self.namespaces):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
         self.namespaces.clear()
+
+
+#: Why network-namespace tests cannot run here (None when they can), and their skip marker.
+NETNS_SKIP = netns_unavailable()
+needs_netns = pytest.mark.skipif(NETNS_SKIP is not None, reason=NETNS_SKIP or "")

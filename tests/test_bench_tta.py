@@ -1,5 +1,5 @@
-"""bench/time_to_accuracy.py end to end on a tiny budget: three systems in a private network
-namespace, bytes counted on its loopback, the gossip weights exact at the end."""
+"""`python -m bench.time_to_accuracy` end to end on a tiny budget: three systems in a private
+network namespace, bytes counted on its loopback, the gossip weights exact at the end."""
 
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ import pytest
 
 from gosgd_p2p.data import load_dataset
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "time_to_accuracy.py"
+#: an acceptance run (real processes or training to a target): not in the fast tier
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]  # where `python -m bench.<name>` runs
 MAX_STEPS = 60
 
 
@@ -37,9 +40,9 @@ def _unshare_unavailable() -> str | None:
 def _bench(tmp_path: Path, *flags: str) -> tuple[dict[str, Any], str]:
     out = tmp_path / "tta.json"
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--max-steps", str(MAX_STEPS), "--target", "0.5",
-         "--eval-every", "10", "--timeout-s", "60", "--json", str(out), *flags],
-        capture_output=True, text=True, timeout=170, cwd=SCRIPT.parents[1],
+        [sys.executable, "-m", "bench.time_to_accuracy", "--max-steps", str(MAX_STEPS),
+         "--target", "0.5", "--eval-every", "10", "--timeout-s", "60", "--json", str(out), *flags],
+        capture_output=True, text=True, timeout=170, cwd=ROOT,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads(out.read_text()), result.stdout
@@ -110,3 +113,61 @@ def test_no_netns_counts_the_shared_loopback_and_repeats_reseed(tmp_path: Path) 
     assert summary["steps_to_target"]["max"] == steps[1]
     assert summary["wall_ratio_vs_ddp"] is None
     assert "over 2 repeats" in stdout
+
+
+@pytest.mark.timeout(180)
+def test_shaped_links_carry_every_worker_and_are_removed_afterwards(tmp_path: Path) -> None:
+    """--link-mbit: gossip (two encodings) and DDP each worker on its own shaped link; bytes are
+    the workers' link bytes, the weights stay exact, and no namespace or link is left."""
+    why = _unshare_unavailable()
+    if why:
+        pytest.skip(why)
+    report, stdout = _bench(
+        tmp_path, "--link-mbit", "200", "--systems", "gossip,ddp", "--encoding", "fp32,int8"
+    )
+    assert "shaped (tbf) to 200 Mbit/s" in report["bytes_counted"]
+    rows = {row["variant"]: row for row in report["systems"]}
+    assert list(rows) == ["gossip", "gossip-int8", "ddp"]
+    assert set(report["summary"]) == {"gossip", "gossip-int8", "ddp"}
+    for row in rows.values():
+        assert not row["errors"], row["errors"]
+        assert row["reached"] and row["link_mbit"] == 200
+        counts = [pt["bytes"] for pt in row["curve"]]
+        assert counts == sorted(counts) and counts[-1] > 0  # the workers' links carried it
+    for variant in ("gossip", "gossip-int8"):
+        gossip = rows[variant]
+        assert math.fsum(gossip["final_weights"]) == 4.0
+        assert gossip["training_bytes"] >= gossip["payload_bytes_sent"] > 0
+    assert rows["gossip-int8"]["encoding"] == "int8" and "gossip p=0.1 int8" in stdout
+    # every namespace and link of the run is gone (they were made in its own namespace)
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "gosgd-tta" not in left
+
+
+@pytest.mark.timeout(180)
+def test_deferred_evaluation_trains_every_step_and_evaluates_the_kept_copies(
+    tmp_path: Path,
+) -> None:
+    """--defer-eval: every worker trains --max-steps without evaluating (the target is reached
+    long before), keeps its model at each evaluation step, and reports those copies' accuracies
+    after training; the rule then reads the same curve."""
+    report, stdout = _bench(
+        tmp_path, "--no-netns", "--systems", "gossip,ddp", "--defer-eval", "--max-steps", "30",
+        "--eval-every", "5",
+    )  # fmt: skip
+    assert "eval every 5 (deferred)" in stdout
+    assert report["settings"]["defer_eval"] is True
+    rows = {row["system"]: row for row in report["systems"]}
+    for row in rows.values():
+        assert not row["errors"], row["errors"]
+        assert row["steps_done"] == [30] * 4  # no stop on reaching the target: all steps
+        assert [pt["step"] for pt in row["curve"]] == [5, 10, 15, 20, 25, 30]
+        assert row["reached"] and row["steps_to_target"] < 30
+        times = [pt["wall_s"] for pt in row["curve"]]
+        assert times == sorted(times) and times[0] > 0
+        # the copies are different models: the curve learns, it is not one accuracy repeated
+        assert row["curve"][-1]["mean_accuracy"] > row["curve"][0]["mean_accuracy"]
+    assert math.fsum(rows["gossip"]["final_weights"]) == 4.0
+    answer = 1 / len(load_dataset("digits").test_y)
+    for pt in rows["ddp"]["curve"]:  # the ranks still hold one model
+        assert max(pt["accuracy"]) - min(pt["accuracy"]) <= 1.5 * answer

@@ -6,9 +6,14 @@ import math
 import threading
 from typing import Any
 
+import pytest
+
 from gosgd_p2p.config import NodeConfig, TrainConfig
 from gosgd_p2p.node import GossipNode
 from gosgd_p2p.trainer import train
+
+#: an acceptance run (real processes or training to a target): not in the fast tier
+pytestmark = pytest.mark.slow
 
 
 def test_four_nodes_in_process_reach_accuracy_and_keep_total_weight(tmp_path) -> None:

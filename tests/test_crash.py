@@ -16,7 +16,7 @@ from gosgd_p2p.models import build_model
 from gosgd_p2p.v1 import gossip_pb2 as pb
 from gosgd_p2p.wire import CHUNK_BYTES, Chunk, split_for_streaming
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.nodes, pytest.mark.timeout(240)]
 
 CLUSTER = "crash"
 # ResNet-18 (44.7 MB of state, 43 chunks): big enough that a stream can be caught half-way
@@ -32,12 +32,17 @@ def cfg(node_id: str, **kw) -> NodeConfig:
     return NodeConfig(node_id=node_id, cluster=CLUSTER, mdns=False, **kw)
 
 
+@pytest.mark.slow
 def test_kill_9_of_a_sender_mid_stream_leaves_the_receiver_untouched(node_processes) -> None:
-    receiver = GossipNode(big_model(), cfg("r", p=0.0))
+    # the receiver's server in this process: the test holds its stream (the sender daemon
+    # follows --push-mode)
+    receiver = GossipNode(big_model(), cfg("r", p=0.0), network_process=False)
     mid_stream, resume = threading.Event(), threading.Event()
-    real_receive = receiver.receive_push
+    real_receive = receiver.receiver.receive_push
 
-    def held_receive(chunks: Iterator[Chunk], peer: str, active: Callable[[], bool]) -> pb.PushAck:
+    def held_receive(
+        chunks: Iterator[Chunk], peer: str, active: Callable[[], bool], cancel: Callable[[], object]
+    ) -> pb.PushAck:
         def held() -> Iterator[Chunk]:
             for i, chunk in enumerate(chunks):
                 if i == 3:  # header and two data chunks in: hold the stream here
@@ -45,9 +50,9 @@ def test_kill_9_of_a_sender_mid_stream_leaves_the_receiver_untouched(node_proces
                     resume.wait(60)
                 yield chunk
 
-        return real_receive(held(), peer, active)
+        return real_receive(held(), peer, active, cancel)
 
-    receiver.receive_push = held_receive  # type: ignore[method-assign]
+    receiver.receiver.receive_push = held_receive  # type: ignore[method-assign]
     with receiver:
         before = [t.clone() for t in receiver.state]
         sender = node_processes("s", *BIG, "--p", "1.0", "--steps", "100000", "--eval-every", "0",
@@ -84,6 +89,7 @@ class _HeldClient(PeerClient):
         return self.push_chunks(address, held(), timeout)
 
 
+@pytest.mark.slow
 def test_kill_9_of_a_receiver_mid_stream_returns_the_weight(node_processes) -> None:
     receiver = node_processes("r", *BIG, "--p", "0", "--steps", "100000", "--eval-every", "0")
     client = _HeldClient()
@@ -102,6 +108,7 @@ def test_kill_9_of_a_receiver_mid_stream_returns_the_weight(node_processes) -> N
         assert sender.finish() == weight  # the half that was streaming came back, exactly
 
 
+@pytest.mark.slow
 def test_a_restarted_node_resumes_from_its_checkpoint_and_rejoins(node_processes, tmp_path) -> None:
     train = ("--model", "cnn", "--dataset", "digits", "--p", "0.1", "--no-mdns")
     ckpt = str(tmp_path / "ckpt-b")

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from conftest import wait_until
+
+#: an acceptance run (real processes or training to a target): not in the fast tier
+pytestmark = [pytest.mark.nodes, pytest.mark.slow]
 
 # --no-mdns: these nodes use seed lists; mDNS runs only inside namespaces (test_discovery.py)
 COMMON = ("--model", "cnn", "--dataset", "digits", "--p", "0.1", "--eval-every", "100", "--no-mdns")

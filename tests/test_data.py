@@ -25,6 +25,7 @@ from gosgd_p2p.data import (
     load_dataset,
     parse_shard,
     shard,
+    short_data_note,
 )
 from gosgd_p2p.models import build_model
 
@@ -256,12 +257,34 @@ def test_shard_rejects_impossible_requests(index: int, count: int) -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 60), batch_size=st.integers(1, 70), seed=st.integers(0, 2**31))
-def test_batch_sampler_covers_every_example_once_per_epoch(
+def test_batch_sampler_gives_full_batches_of_distinct_examples(
     n: int, batch_size: int, seed: int
 ) -> None:
     x = torch.arange(n, dtype=torch.float32).view(-1, 1)
     y = torch.arange(n)
     sampler = BatchSampler(x, y, batch_size, seed)
+    size = min(batch_size, n)  # fewer examples than a batch: every batch is all of them
+    assert sampler.batch_len == size
+    for epoch in range(3):
+        assert sampler.epoch == epoch
+        seen: list[int] = []
+        for _ in range(n // size):
+            xb, yb = next(sampler)
+            assert len(yb) == size  # never a short last batch
+            assert torch.equal(xb.flatten().long(), yb)  # inputs stay paired with labels
+            seen += yb.tolist()
+        assert len(set(seen)) == len(seen) == n - n % size  # no repeat within an epoch
+    assert sampler.epoch == 3
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 60), batch_size=st.integers(1, 70), seed=st.integers(0, 2**31))
+def test_batch_sampler_without_drop_last_covers_every_example_once_per_epoch(
+    n: int, batch_size: int, seed: int
+) -> None:
+    x = torch.arange(n, dtype=torch.float32).view(-1, 1)
+    y = torch.arange(n)
+    sampler = BatchSampler(x, y, batch_size, seed, drop_last=False)
     batches_per_epoch = math.ceil(n / batch_size)
     for epoch in range(3):
         assert sampler.epoch == epoch
@@ -275,9 +298,26 @@ def test_batch_sampler_covers_every_example_once_per_epoch(
     assert sampler.epoch == 3
 
 
+def test_batch_sampler_leaves_out_different_examples_each_epoch() -> None:
+    # 10 examples in batches of 4: 2 sit out each epoch, but not the same 2 every time
+    sampler = BatchSampler(torch.zeros(10, 1), torch.arange(10), batch_size=4, seed=0)
+    seen = {i for _ in range(20) for i in next(sampler)[1].tolist()}
+    assert seen == set(range(10))
+
+
+def test_short_data_note_only_when_a_batch_does_not_fit() -> None:
+    assert short_data_note(32, 32) is None and short_data_note(359, 32, "0/4") is None
+    note = short_data_note(14, 32, "0/100")
+    assert note is not None and "\n" not in note
+    assert "shard 0/100 has 14 examples" in note and "--batch-size 14 or less" in note
+    assert "fewer shards" in note
+    whole = short_data_note(5, 8)
+    assert whole is not None and "the training set has 5" in whole and "shards" not in whole
+
+
 def _first_epoch(seed: int, n: int = 50) -> list[int]:
     sampler = BatchSampler(torch.zeros(n, 1), torch.arange(n), batch_size=8, seed=seed)
-    return [i for _, yb in (next(sampler) for _ in range(math.ceil(n / 8))) for i in yb.tolist()]
+    return [i for _, yb in (next(sampler) for _ in range(n // 8)) for i in yb.tolist()]
 
 
 def test_batch_sampler_order_depends_on_seed_only() -> None:

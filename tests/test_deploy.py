@@ -171,6 +171,10 @@ def test_compose_commands_are_valid_node_flags() -> None:
         assert args.listen == f"0.0.0.0:{GRPC_PORT}", name
         assert args.wait_for_peers == len(services) - 1, name
         assert args.metrics_port == METRICS_PORT, name
+        # off their own host, nodes without a token answer nobody (protected mode)
+        assert args.token_file == "/run/secrets/cluster-token", name
+        assert service["secrets"] == ["cluster-token"], name
+    assert (DEPLOY / compose()["secrets"]["cluster-token"]["file"]).read_text().strip()
 
 
 # --- Dockerfile -------------------------------------------------------------------------------

@@ -16,9 +16,11 @@ import torch
 from conftest import wait_until
 
 from gosgd_p2p import GossipNode, NodeConfig, algorithm
+from gosgd_p2p.codec import buffer_numel, decode, encode
 from gosgd_p2p.models import build_model
 from gosgd_p2p.staging import Staging
 from gosgd_p2p.state import StateLayout, module_state
+from gosgd_p2p.wire import ENCODINGS, payload_bytes
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -107,3 +109,61 @@ def test_two_cuda_nodes_exchange_exactly(send_process: bool) -> None:
             torch.testing.assert_close(got, (yb + 0.5 * ya) / 1.5, rtol=1e-5, atol=1e-5)
             assert got.is_cuda
         assert b.last_distance is not None and math.isfinite(b.last_distance)
+
+
+def test_two_cuda_network_process_nodes_exchange_exactly() -> None:
+    """network_process on CUDA: each node's gRPC runs in a child without torch; a snapshot goes
+    to page-locked shared send memory, and a received message is merged on the device straight
+    from its page-locked shared receive slot."""
+    ma, _, _ = resnet()
+    torch.manual_seed(1)
+    mb = build_model("resnet18", (3, 32, 32), 10).cuda()
+    cfg = dict(cluster="gpu", p=0.0, mdns=False, hello_interval_s=0.2, network_process=True)
+    a = GossipNode(ma, NodeConfig(node_id="a", **cfg))
+    b = GossipNode(mb, NodeConfig(node_id="b", peers=[a.address], **cfg))
+    assert a.network_process_pid is not None and b.network_process_pid is not None
+    with a, b:
+        wait_until(lambda: a.peers.live() and b.peers.live(), 20, "peers to meet")
+        xa = [t.clone() for t in a.state]
+        xb = [t.clone() for t in b.state]
+        a.step(push_to=b.address)  # a: 1 -> 0.5, sends (xa, 0.5)
+        torch._foreach_add_(a.state, 1.0)
+        wait_until(lambda: a.in_flight == 0, 30, "a's push to settle")
+        b.step()  # b merges: (xb * 1 + xa * 0.5) / 1.5
+        assert a.stats()["pushes_acked"] == 1 and b.stats()["merged_received"] == 1
+        for got, ya, yb in zip(b.state, xa, xb, strict=True):
+            torch.testing.assert_close(got, (yb + 0.5 * ya) / 1.5, rtol=1e-5, atol=1e-5)
+            assert got.is_cuda
+        b.step(push_to=a.address)  # and back, into a's receive slot
+        wait_until(lambda: b.in_flight == 0, 30, "b's push to settle")
+        a.step()
+        assert a.stats()["merged_received"] == 1
+        assert math.isclose(a.finish() + b.finish(), 2.0, rel_tol=0, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp16", "int8"])
+def test_an_encoded_snapshot_is_encoded_on_the_device_as_on_the_cpu(name: str) -> None:
+    """The device encodes before the copy out; the host buffer then holds what the CPU's
+    encoding of the same state would be (bf16, fp16: bit for bit; int8: each code within one
+    step, since the device may round a product differently), and it does not wait."""
+    encoding = ENCODINGS[name]
+    _, layout, tensors = resnet()
+    staging = Staging(layout, tensors, encoding)
+    host = torch.zeros(buffer_numel(encoding, layout.numel)).pin_memory()
+    staging.snapshot(host)()  # warm-up
+    flat = torch.cat([t.reshape(-1) for t in tensors]).cpu()
+    expected = torch.empty(payload_bytes(encoding, layout.numel), dtype=torch.uint8)
+    encode(encoding, flat, expected)
+    torch.cuda._sleep(BUSY_CYCLES)
+    wait = staging.snapshot(host)
+    assert not torch.cuda.current_stream().query()
+    wait()
+    got = host.view(torch.uint8)[: expected.numel()]
+    decoded, reference = torch.empty(layout.numel), torch.empty(layout.numel)
+    decode(encoding, got.clone(), decoded)
+    decode(encoding, expected, reference)
+    if name == "int8":
+        step = float((flat.max() - flat.min()) / 255)
+        assert (decoded - reference).abs().max() <= step
+    else:
+        assert torch.equal(got, expected)

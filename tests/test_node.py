@@ -23,7 +23,7 @@ from gosgd_p2p.wire import (
     split_for_streaming,
 )
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.nodes, pytest.mark.timeout(120)]
 
 
 def make_model(width: int = 16, seed: int = 0) -> torch.nn.Module:
@@ -96,7 +96,7 @@ def test_push_to_a_dead_peer_comes_back_and_the_peer_is_suspended() -> None:
     node = GossipNode(model, cfg("a", p=1.0, peers=[dead], push_timeout_s=5.0))
     with node:
         assert node.peers.live() == []  # its Hellos at start-up already failed
-        node.peers.observe(dead, None)  # some source claims it is back: try it again
+        node.peers.observe(dead, None, confirmed=True)  # as if it had answered, then died
         before = snapshot(node)
         for _ in range(12):
             node.step()  # no local update: returned messages must leave x where it was
@@ -161,9 +161,9 @@ def test_a_finished_node_stays_left_while_it_lingers() -> None:
         wait_until(lambda: a.peers.live() and b.peers.live(), 10, "peers to meet")
         b.step(push_to=a.address)  # in flight as b finishes
         b.finish()
-        a._hello_one(b.address)  # a's membership round: b is not accepting
+        a.membership.hello_peer(b.address)  # a's membership round: b is not accepting
         assert a.peers.get(b.address).status == "left"
-        b._hello_one(a.address)  # b's membership round while it lingers
+        b.membership.hello_peer(a.address)  # b's membership round while it lingers
         a.step()  # merges b's last push, whose header names b's address
         assert a.stats()["merged_received"] == 1
         assert a.peers.get(b.address).status == "left" and a.peers.live() == []

@@ -16,6 +16,8 @@ from gosgd_p2p import GossipNode, NodeConfig
 from gosgd_p2p.metrics import MetricsServer
 from gosgd_p2p.plotting import main as plot_main
 
+pytestmark = pytest.mark.nodes
+
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
@@ -37,11 +39,13 @@ def cfg(node_id: str, **kw) -> NodeConfig:
 
 
 def test_metrics_follow_the_node_as_it_trains() -> None:
-    a = GossipNode(model(), cfg("a", p=1.0))
-    b = GossipNode(model(), cfg("b", p=1.0, peers=[a.address]))
+    # the per-step coin at p = 1: a push at every step, whatever the steps' timing
+    a = GossipNode(model(), cfg("a", p=1.0, schedule="step"))
+    b = GossipNode(model(), cfg("b", p=1.0, schedule="step", peers=[a.address]))
     metrics = MetricsServer(a, 0, "127.0.0.1")
     try:
-        wait_until(lambda: a.peers.live() and b.peers.live(), 10, "peers")
+        # pushes go only to peers a node has reached itself: wait until each has reached the other
+        wait_until(lambda: a.peers.pushable() and b.peers.pushable(), 10, "peers")
         before = scrape(metrics.port)
         assert before[("gosgd_steps_total", ())] == 0
         assert before[("gosgd_weight", ())] == 1.0
@@ -116,6 +120,7 @@ def test_gosgd_plot_draws_every_log(tmp_path) -> None:
     assert plot_main([str(tmp_path / "missing.jsonl")]) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_daemon_serves_metrics_and_a_progress_line(tmp_path, node_processes) -> None:
     with __import__("socket").socket() as s:

@@ -8,9 +8,10 @@ import threading
 import pytest
 import torch
 
+from gosgd_p2p.fates import ABORTED_PER_SENDER, COMMITTED_PER_SENDER, Fate, FateMemory
 from gosgd_p2p.inbox import Inbox, Message
 from gosgd_p2p.peers import PeerTable
-from gosgd_p2p.wire import Reject
+from gosgd_p2p.reject import Reject
 
 SELF_ID, SELF_ADDR = "me", "10.0.0.1:5000"
 
@@ -56,7 +57,12 @@ def test_hearsay_of_an_alias_does_not_displace_a_known_node() -> None:
     table.observe("node-c:7070", "node-c", seen=False)  # a peer's Hello lists the alias
     (peer,) = table.all()
     assert (peer.address, peer.confirmed) == ("10.0.0.3:7070", True)
-    table.observe("10.0.0.9:7070", "node-c")  # restarted elsewhere, and seen there
+    table.observe("10.0.0.9:7070", "node-c")  # a claim that it moved: a row with no id yet
+    assert {p.address: p.node_id for p in table.all()} == {
+        "10.0.0.3:7070": "node-c",
+        "10.0.0.9:7070": None,
+    }
+    table.observe("10.0.0.9:7070", "node-c", confirmed=True)  # it answered there as node-c
     (peer,) = table.all()
     assert peer.address == "10.0.0.9:7070"
 
@@ -73,7 +79,7 @@ def test_self_is_never_a_peer() -> None:
 def test_failures_suspend_and_choose_skips_suspended_and_left() -> None:
     table = _table(max_failures=3)
     for addr, node in [("a:1", "a"), ("b:1", "b"), ("c:1", "c"), ("d:1", "d")]:
-        table.observe(addr, node)
+        table.observe(addr, node, confirmed=True)
     assert [table.record_failure("a:1") for _ in range(3)] == [False, False, True]
     assert table.record_failure("a:1") is False  # suspended once, not again
     assert table.get("a:1").status == "suspended"
@@ -101,7 +107,7 @@ def test_success_resets_the_failure_count() -> None:
 @pytest.mark.parametrize("how", ["suspend", "leave"])
 def test_seeing_a_peer_again_brings_it_back(how: str) -> None:
     table = _table(max_failures=1)
-    table.observe("a:1", "a")
+    table.observe("a:1", "a", confirmed=True)
     if how == "suspend":
         assert table.record_failure("a:1")
     else:
@@ -119,7 +125,7 @@ def test_a_node_that_moves_leaves_its_old_row_behind() -> None:
     table = _table()
     table.observe("old:1", "n")
     table.observe("other:1", "o")
-    table.observe("new:1", "n")
+    table.observe("new:1", "n", confirmed=True)  # our own call there answered as n
     assert {(p.address, p.node_id) for p in table.all()} == {("new:1", "n"), ("other:1", "o")}
 
 
@@ -128,12 +134,23 @@ def test_the_table_is_bounded() -> None:
     for i in range(5):
         table.observe(f"p{i}:1", f"n{i}")
     assert [p.address for p in table.all()] == ["p0:1", "p1:1", "p2:1"]
-    table.observe("p0:2", "n0")  # a known node moving is not a new peer
+    table.observe("p0:2", "n0", confirmed=True)  # a known node moving is not a new peer
     assert {p.address for p in table.all()} == {"p0:2", "p1:1", "p2:1"}
     table.remove("p1:1")
     table.observe("p9:1", "n9")
     assert len(table.all()) == 3
     assert table.get("p9:1") is not None
+
+
+def test_pushes_go_only_to_confirmed_peers_and_unreached_ones_expire() -> None:
+    table = _table()
+    table.add_seed("seed:1")
+    table.observe("heard:1", "h")  # a caller's Hello named it: not called by us yet
+    table.observe("met:1", "m", confirmed=True)
+    assert [p.address for p in table.pushable()] == ["met:1"]
+    assert {table.choose(random.Random(i)).address for i in range(20)} == {"met:1"}
+    assert table.expire("heard:1") and table.get("heard:1") is None  # our call there failed
+    assert not table.expire("seed:1") and not table.expire("met:1")  # kept: seed, confirmed
 
 
 def test_wait_live_times_out_without_enough_confirmed_peers() -> None:
@@ -212,18 +229,6 @@ def test_a_duplicate_is_committed_once() -> None:
     assert inbox.fate("a", 1) == "committed" and inbox.fate("a", 3) is None
     assert [(m.sender_id, m.message_id) for m in inbox.drain()] == [("a", 1), ("b", 1), ("a", 2)]
     assert inbox.commit(_msg("a", 1)) is False  # remembered after the drain too
-
-
-def test_the_dedup_window_is_bounded() -> None:
-    inbox = Inbox(dedup_window=3)
-    inbox.open()
-    for i in range(4):
-        assert inbox.commit(_msg("a", i))
-    assert inbox.fate("a", 0) is None  # the oldest is forgotten
-    assert all(inbox.fate("a", i) == "committed" for i in (1, 2, 3))
-    assert inbox.commit(_msg("a", 0)) is True
-    assert inbox.fate("a", 1) is None
-    assert len(inbox) == 5
 
 
 def test_returned_messages_are_always_accepted() -> None:
@@ -312,3 +317,57 @@ def test_the_client_keeps_a_bounded_number_of_channels() -> None:
     client._channel("127.0.0.1:6")
     assert list(client._channels) == ["127.0.0.1:5", "127.0.0.1:3", "127.0.0.1:6"]
     client.close()
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_no_flood_of_questions_makes_a_committed_message_aborted() -> None:
+    memory = FateMemory(hold_s=10.0, idle_s=100.0, max_senders=8, clock=_Clock())
+    assert memory.commit("a", 5)
+    for i in range(10_000):  # fresh senders, and fresh ids under a's own name
+        memory.resolve(f"stranger-{i}", i)
+        memory.resolve("a", 1_000_000 + i)
+    assert memory.resolve("a", 5) is Fate.COMMITTED
+    assert len(memory) <= 16  # 8 members, 8 strangers at most
+
+
+def test_an_abort_is_promised_only_while_it_can_be_remembered() -> None:
+    clock = _Clock()
+    memory = FateMemory(hold_s=10.0, idle_s=100.0, clock=clock)
+    aborted = [i for i in range(ABORTED_PER_SENDER) if memory.resolve("a", i) is Fate.ABORTED]
+    assert len(aborted) == ABORTED_PER_SENDER
+    assert memory.resolve("a", 10_000) is Fate.UNKNOWN  # no room: cannot promise ABORTED
+    with pytest.raises(Reject):
+        memory.commit("a", 0)  # a late stream of an aborted message never commits
+    clock.now = 10.0  # no stream of those can commit any more: they may be forgotten
+    assert memory.resolve("a", 10_000) is Fate.ABORTED
+
+
+def test_a_forgotten_commit_is_answered_unknown_never_aborted() -> None:
+    memory = FateMemory(hold_s=10.0, idle_s=100.0, clock=_Clock())
+    for i in range(COMMITTED_PER_SENDER + 1):
+        assert memory.commit("a", i)
+    assert memory.resolve("a", 0) is Fate.UNKNOWN  # the oldest commit was forgotten
+    assert memory.resolve("a", COMMITTED_PER_SENDER) is Fate.COMMITTED
+    assert memory.resolve("a", COMMITTED_PER_SENDER + 1) is Fate.ABORTED  # above: never came
+
+
+def test_senders_are_forgotten_only_when_safe() -> None:
+    clock = _Clock()
+    memory = FateMemory(hold_s=10.0, idle_s=100.0, max_senders=2, clock=clock)
+    assert memory.commit("a", 1) and memory.commit("b", 1)
+    with pytest.raises(Reject) as info:
+        memory.commit("c", 1)  # a and b may still ask: c's push goes back to c
+    assert info.value.counter == "senders"
+    assert memory.resolve("x", 1) is Fate.ABORTED and memory.resolve("y", 1) is Fate.ABORTED
+    assert memory.resolve("z", 1) is Fate.UNKNOWN  # x's and y's aborts are still held
+    clock.now = 100.0
+    assert memory.commit("c", 1)  # a has been idle long enough to be forgotten
+    assert memory.resolve("z", 1) is Fate.ABORTED
+    assert memory.resolve("b", 1) is Fate.COMMITTED

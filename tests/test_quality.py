@@ -27,6 +27,7 @@ def test_ruff_lint_and_format() -> None:
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
 
 
+@pytest.mark.slow  # a cold mypy run takes most of the fast tier's budget
 def test_mypy_on_the_package() -> None:
     result = run(sys.executable, "-m", "mypy", "gosgd_p2p")
     assert result.returncode == 0, result.stdout + result.stderr

@@ -20,6 +20,7 @@ def api_example() -> str:
     return match.group(1)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_readme_api_example_runs(tmp_path: Path) -> None:
     script = tmp_path / "train.py"

@@ -26,7 +26,7 @@ from gosgd_p2p.security import TLS_TARGET_NAME, TOKEN_METADATA_KEY, Credentials
 from gosgd_p2p.v1 import gossip_pb2 as pb
 from gosgd_p2p.wire import PROTOCOL_VERSION, grpc_options, split_for_streaming
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.nodes, pytest.mark.timeout(60)]
 
 SERVICE = "/gosgd_p2p.v1.Gossip"
 ATTEMPTS = 100
@@ -289,7 +289,7 @@ def test_cluster_nodes_gossip_over_mtls_and_an_intruder_cannot(pki: Pki) -> None
     # the intruder knows the cluster CA (it is no secret) but holds a foreign certificate
     intruder = GossipNode(
         make_model(),
-        cfg("intruder", p=1.0, peers=[a.address], resolve_timeout_s=5.0, **pki.files("intruder")),
+        cfg("intruder", p=1.0, peers=[a.address], forget_after_s=5.0, **pki.files("intruder")),
     )
     with a, b, intruder:
         for _ in range(5):

@@ -5,22 +5,19 @@ from __future__ import annotations
 import math
 import os
 import signal
-import threading
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from children import HeldReceive, gone, proc_stat, train, train_both
 from conftest import node_config, wait_until
 
 from gosgd_p2p import GossipNode, cluster_seed
 from gosgd_p2p.client import PeerClient
 from gosgd_p2p.models import build_model
 from gosgd_p2p.sendproc import SendProcessClient
-from gosgd_p2p.v1 import gossip_pb2 as pb
-from gosgd_p2p.wire import Chunk
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.nodes, pytest.mark.timeout(180)]
 
 CLUSTER = "sendproc"
 
@@ -30,36 +27,13 @@ def model() -> torch.nn.Module:
     return build_model("mlp", (1, 8, 8), 10)
 
 
-def train(node: GossipNode) -> None:
-    """One local step that moves x, so every push carries a different state."""
-    with torch.no_grad():
-        for t in node.state:
-            t.add_(0.01)
-    node.step()
-
-
-def train_both(a: GossipNode, b: GossipNode) -> None:
-    train(a)
-    train(b)  # merges what b received: a full inbox would refuse a's pushes
-
-
-def _stat(pid: int | str) -> list[str] | None:
-    """The fields of /proc/PID/stat after the command name (state, ppid, ...); None if gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-
-
-def gone(pid: int) -> bool:
-    """The process has exited (a zombie counts: it runs no more code)."""
-    stat = _stat(pid)
-    return stat is None or stat[0] == "Z"
-
-
-def test_pushes_go_through_the_child_and_keep_the_weight_exact() -> None:
+@pytest.mark.parametrize("encoding", ["fp32", "int8"])  # int8: the first bytes of a buffer
+def test_pushes_go_through_the_child_and_keep_the_weight_exact(encoding: str) -> None:
     b = GossipNode(model(), node_config("b", CLUSTER, p=0.5))
-    a = GossipNode(model(), node_config("a", CLUSTER, p=1.0, peers=[b.address], send_process=True))
+    a = GossipNode(
+        model(),
+        node_config("a", CLUSTER, p=1.0, peers=[b.address], send_process=True, encoding=encoding),
+    )
     with a, b:
         child = a.send_process_pid
         assert child is not None and child != os.getpid() and not gone(child)
@@ -73,11 +47,13 @@ def test_pushes_go_through_the_child_and_keep_the_weight_exact() -> None:
         # pushes are made by the child: stopped, it holds every push of a in flight
         os.kill(child, signal.SIGSTOP)
         try:
-            acked = a.counters.get("pushes_acked")
             wait_until(lambda: (train(a), a.in_flight == 2)[1], 30, "both send buffers in flight")
+            acked = a.counters.get("pushes_acked")
             for _ in range(20):
                 train(a)
-            assert a.counters.get("pushes_acked") == acked
+            # an ack the child wrote just before it stopped may still be read: at most one per
+            # send buffer; a running child would have acked about 20
+            assert a.counters.get("pushes_acked") <= acked + 2
         finally:
             os.kill(child, signal.SIGCONT)
         weights = [a.finish(), b.finish()]
@@ -89,35 +65,25 @@ def test_pushes_go_through_the_child_and_keep_the_weight_exact() -> None:
 
 
 def test_the_child_killed_during_a_push_loses_no_weight(caplog) -> None:
-    b = GossipNode(model(), node_config("b", CLUSTER, p=0.0))
-    holding, held, resume = threading.Event(), threading.Event(), threading.Event()
-    real_receive = b.receive_push
-
-    def held_receive(chunks: Iterator[Chunk], peer: str, active: Callable[[], bool]) -> pb.PushAck:
-        if holding.is_set():
-            held.set()
-            resume.wait(60)
-            # gRPC ends the call once it sees the connection gone; only then go on, so that
-            # b certainly refuses the message (were b quicker, it would commit it, and
-            # ResolvePush would say so: exact as well, but another path)
-            wait_until(lambda: not active(), 30, "b to see the call end")
-        return real_receive(chunks, peer, active)
-
-    b.receive_push = held_receive  # type: ignore[method-assign]
+    # b's receiver is held in this process, and a's child is a send process, whatever
+    # --push-mode says (tests/test_network_process.py kills a network process)
+    b = GossipNode(model(), node_config("b", CLUSTER, p=0.0), network_process=False)
+    hold = HeldReceive(b)
     a = GossipNode(
         model(),
         node_config("a", CLUSTER, p=1.0, peers=[b.address], send_process=True, send_buffers=1),
+        network_process=False,
     )
     with a, b:
         child = a.send_process_pid
         assert child is not None
         received = b.counters.get
         wait_until(lambda: (train_both(a, b), received("pushes_received") >= 3)[1], 60, "3 pushes")
-        holding.set()  # the next push reaches b and waits there, its call open
-        wait_until(lambda: (train_both(a, b), held.is_set())[1], 60, "a push held at b")
-        holding.clear()
+        hold.holding.set()  # the next push reaches b and waits there, its call open
+        wait_until(lambda: (train_both(a, b), hold.held.is_set())[1], 60, "a push held at b")
+        hold.holding.clear()
         os.kill(child, signal.SIGKILL)  # the call dies with the child; b has not committed it
-        resume.set()
+        hold.resume.set()
         # a learns it from its blocked read, settles the push with ResolvePush (b never
         # committed it, so the weight comes home) and sends from its own threads from now on
         settled = a.counters.get
@@ -139,6 +105,7 @@ def test_the_child_killed_during_a_push_loses_no_weight(caplog) -> None:
     assert "send process" in caplog.text and "is gone" in caplog.text
 
 
+@pytest.mark.slow
 def test_the_child_exits_when_its_node_is_killed(node_processes) -> None:
     receiver = GossipNode(model(), node_config("r", CLUSTER, p=0.0))
     with receiver:
@@ -163,7 +130,7 @@ def test_send_process_makes_its_own_client() -> None:
 
 def _children(pid: int) -> list[int]:
     entries = [e.name for e in Path("/proc").iterdir() if e.name.isdigit()]
-    return [int(e) for e in entries if (stat := _stat(e)) is not None and int(stat[1]) == pid]
+    return [int(e) for e in entries if (stat := proc_stat(e)) is not None and int(stat[1]) == pid]
 
 
 def _cmdline(pid: int) -> bytes:

@@ -34,6 +34,7 @@ def test_gossip_alone_converges_to_the_initial_weighted_average() -> None:
             torch.testing.assert_close(t.double(), a, atol=1e-3, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["gosgd", "allreduce", "localsgd", "easgd", "none"])
 def test_every_algorithm_trains_digits(algorithm: str) -> None:
     cfg = SimConfig(nodes=4, algorithm=algorithm, steps=150, eval_every=50, period=5)
@@ -54,12 +55,14 @@ def test_a_run_is_deterministic_for_its_seed() -> None:
     assert runs[0] == runs[1]
 
 
+@pytest.mark.slow
 def test_the_simulator_and_a_real_grpc_cluster_agree() -> None:
     """The same seed, models, data and message schedule: the same weights and states."""
     m, steps = 3, 40
     cfg = SimConfig(
         nodes=m, p=0.5, steps=steps, step_jitter=0.0, step_time_s=1.0, stagger_s=0.1,
         latency_s=1e-6, bandwidth_bps=1e15, eval_every=steps,
+        schedule="step",  # the replay below pushes half of the weight, as the coin does
     )  # fmt: skip
     sim = Simulation(cfg)
     # fresh copies of the simulator's starting point, for the real nodes
@@ -97,6 +100,7 @@ def test_the_simulator_and_a_real_grpc_cluster_agree() -> None:
             node.close()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_the_cli_runs_64_nodes_and_writes_its_outputs(tmp_path) -> None:
     out = tmp_path / "sim"
@@ -110,3 +114,59 @@ def test_the_cli_runs_64_nodes_and_writes_its_outputs(tmp_path) -> None:
     assert data["history"][-1]["total_weight"] == pytest.approx(64.0, abs=1e-9)
     assert data["history"][-1]["accuracy"] > 0.9
     assert (out / "sim.png").stat().st_size > 10_000
+
+
+def _slow_share(schedule: str, seed: int = 0) -> tuple[float, Simulation]:
+    """Gossip only (no training), nodes at speeds 1, 1, 1, 1/3: the slow node's mean share."""
+    cfg = SimConfig(
+        nodes=4, speeds=[1, 1, 1, 1 / 3], steps=1500, train=False, eval_every=500,
+        schedule=schedule, seed=seed,
+    )  # fmt: skip
+    sim = Simulation(cfg)
+    history = sim.run()
+    assert all(h["total_weight"] == pytest.approx(4.0, abs=1e-12) for h in history)
+    assert math.fsum(n.weight for n in sim.nodes) == pytest.approx(4.0, abs=1e-12)
+    assert 0.9 < sum(sim.shares) <= 1.0  # the rest was on the wire or in inboxes
+    return sim.shares[3], sim
+
+
+def test_a_slow_node_gathers_weight_with_the_per_step_coin_and_not_on_the_clock() -> None:
+    """The issue's 20-line simulation, with the node's own schedules: a node at a third of the
+    speed holds about half of the weight with the per-step coin, about a quarter on the clock."""
+    per_step, sim = _slow_share("step")
+    clock, _ = _slow_share("clock")
+    assert per_step > 0.4 and clock < 0.35, (per_step, clock)
+    assert [n.steps for n in sim.nodes] == [1500] * 4
+
+
+def test_speeds_may_change_during_the_run() -> None:
+    """The slow node catches up at virtual second 2: the run ends sooner, and it then pushes
+    as often per second as the others (the clock's rate is theirs either way)."""
+    base = {"nodes": 4, "speeds": [1, 1, 1, 1 / 3], "steps": 400, "train": False}
+    slow = Simulation(SimConfig(**base, eval_every=400))
+    changed = Simulation(SimConfig(**base, eval_every=400, speed_changes=[(2.0, [1.0] * 4)]))
+    slow.run()
+    changed.run()
+    assert changed.speeds == [1.0] * 4 and slow.speeds == [1, 1, 1, 1 / 3]
+    assert changed.clock < 0.7 * slow.clock
+    with pytest.raises(ValueError, match="speeds"):
+        SimConfig(nodes=4, speeds=[1, 1, 0.5])
+    assert SimConfig(nodes=8, slow=0.25, slow_speed=0.5).initial_speeds() == [1.0] * 6 + [0.5] * 2
+
+
+def test_the_cli_reports_weight_shares_and_the_time_to_target(tmp_path) -> None:
+    out = tmp_path / "sim"
+    result = subprocess.run(
+        [sys.executable, "-m", "gosgd_p2p.sim", "--nodes", "4", "--speeds", "1,1,1,0.33",
+         "--steps", "120", "--eval-every", "10", "--target", "0.5", "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads((out / "results.json").read_text())
+    assert data["slow_nodes"] == [3] and len(data["weight_share"]) == 4
+    assert data["time_to_target"] is not None
+    reached = [h for h in data["history"] if h["accuracy"] >= 0.5]
+    assert reached and data["time_to_target"] == reached[0]["time"]
+    assert data["history"][-1]["total_weight"] == pytest.approx(4.0, abs=1e-12)
+    assert len(data["history"][-1]["weights"]) == 4
+    assert "slow nodes' mean share" in result.stdout

@@ -12,14 +12,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gosgd_p2p import wire
+from gosgd_p2p.reject import Reject
 from gosgd_p2p.v1 import gossip_pb2 as pb
 from gosgd_p2p.wire import (
+    ENCODINGS,
     MAX_NAME_BYTES,
     MAX_WEIGHT,
     PROTOCOL_VERSION,
+    WEIGHT_QUANTUM,
     Chunk,
     Expectation,
-    Reject,
     assemble,
     check_header,
     decode_chunk,
@@ -44,7 +46,7 @@ headers = st.builds(
     message_id=u64,
     weight=st.floats(allow_nan=False),
     fingerprint=st.binary(max_size=16),
-    encoding=st.sampled_from([pb.ENCODING_UNSPECIFIED, pb.ENCODING_FP32]),
+    encoding=st.sampled_from([pb.ENCODING_UNSPECIFIED, *ENCODINGS.values()]),
     payload_bytes=u64,
     sender_step=u64,
     cluster=st.text(max_size=10),
@@ -491,13 +493,16 @@ def test_first_header_requires_a_header_alone() -> None:
 
 # --- check_header -----------------------------------------------------------------------------
 
-EXPECT = Expectation(cluster="test", fingerprint=FINGERPRINT, payload_bytes=64)
+EXPECT = Expectation(cluster="test", fingerprint=FINGERPRINT, numel=16)
 
 
 def test_a_matching_header_passes() -> None:
     check_header(_header(64), EXPECT)
+    for encoding, size in ((pb.ENCODING_BF16, 32), (pb.ENCODING_FP16, 32)):
+        check_header(_header(size, encoding=encoding), EXPECT)
+    check_header(_header(8 + 16, encoding=pb.ENCODING_INT8_BLOCK), EXPECT)  # one block
     check_header(_header(64, weight=MAX_WEIGHT), EXPECT)
-    check_header(_header(64, weight=5e-324), EXPECT)
+    check_header(_header(64, weight=WEIGHT_QUANTUM), EXPECT)  # the smallest
     check_header(_header(64, sender_id="é" * (MAX_NAME_BYTES // 2)), EXPECT)
 
 
@@ -514,6 +519,9 @@ def test_a_matching_header_passes() -> None:
         ({"encoding": 7}, "invalid", "encoding"),
         ({"payload_bytes": 63}, "invalid", "payload_size"),
         ({"payload_bytes": 2**64 - 1}, "invalid", "payload_size"),
+        ({"encoding": pb.ENCODING_BF16}, "invalid", "payload_size"),  # fp32's size
+        ({"encoding": pb.ENCODING_FP16, "payload_bytes": 33}, "invalid", "payload_size"),
+        ({"encoding": pb.ENCODING_INT8_BLOCK, "payload_bytes": 16}, "invalid", "payload_size"),
         ({"weight": math.nan}, "invalid", "weight"),
         ({"weight": math.inf}, "invalid", "weight"),
         ({"weight": -math.inf}, "invalid", "weight"),
@@ -521,6 +529,9 @@ def test_a_matching_header_passes() -> None:
         ({"weight": -0.0}, "invalid", "weight"),
         ({"weight": -0.5}, "invalid", "weight"),
         ({"weight": MAX_WEIGHT * (1 + 1e-15)}, "invalid", "weight"),
+        ({"weight": 0.1}, "invalid", "weight"),  # off the grid: its sums would round
+        ({"weight": WEIGHT_QUANTUM / 2}, "invalid", "weight"),
+        ({"weight": 5e-324}, "invalid", "weight"),
         ({"sender_id": ""}, "invalid", "sender_id"),
         ({"sender_id": "x" * (MAX_NAME_BYTES + 1)}, "invalid", "sender_id"),
         ({"sender_id": "é" * (MAX_NAME_BYTES // 2 + 1)}, "invalid", "sender_id"),  # bytes count
