@@ -254,7 +254,9 @@ say "mDNS-only check: 2 more nodes on the compose network, without --peers"
 for i in 0 1; do
     docker rm -f "$PROJECT-mdns-only-$i" >/dev/null 2>&1 || true  # left by an aborted run
     docker run -d --name "$PROJECT-mdns-only-$i" --network "$net" --read-only --tmpfs /tmp \
+        -v "$ROOT/deploy/compose-token:/run/secrets/cluster-token:ro" \
         "$IMAGE" --listen 0.0.0.0:7070 --cluster mdns-only --wait-for-peers 1 --wait-timeout 60 \
+        --token-file /run/secrets/cluster-token \
         --steps 100 --eval-every 0 --threads 1 >/dev/null
 done
 mdns_only=()
