@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import grpc
 
@@ -77,6 +77,9 @@ class Membership:
         self.has_state = False
         #: Whether this node is finishing (Hello's draining); set by the node.
         self.draining = False
+        #: Settles our pushes to an address whose node said it is closing (Hello's closing);
+        #: set by the node to its sender's. Returns how many it settled.
+        self.settle_pushes_to: Callable[[str], int] = lambda address: 0
         self._peers: PeerTable | None = None
         self._ready = threading.Event()  # Hello waits for the peer table to exist
         self._stop = threading.Event()
@@ -174,6 +177,25 @@ class Membership:
         if self._discovery is not None:
             self._discovery.close()
 
+    def farewell(self, timeout_s: float) -> int:
+        """Before this finished node stops serving: a Hello saying it is closing to every peer
+        in the table, in parallel, waiting up to `timeout_s` for the answers. A peer answers
+        once it has settled its pushes to us by ResolvePush (which we still answer), so none
+        of them is left unsettleable. Returns how many peers answered."""
+        request = pb.HelloRequest(
+            self=self._me.peer_info(),
+            cluster=self._cfg.cluster,
+            protocol_version=PROTOCOL_VERSION,
+            draining=True,
+            closing=True,
+        )
+        calls = [
+            self._pool.submit(self._client.hello, peer.address, request, timeout_s)
+            for peer in self.known_peers()
+        ]
+        done, _ = wait(calls, timeout_s + 1.0)
+        return sum(1 for call in done if call.exception() is None)
+
     def close(self) -> None:
         """Stop the membership thread, the Hello threads and mDNS (idempotent)."""
         self._stop.set()
@@ -222,6 +244,9 @@ class Membership:
             self._learn(request.self, request.peers, draining=request.draining)
             if not request.draining:
                 self._meet_soon(request.self.address)
+            if request.closing and request.self.address:
+                # answered only once settled: the caller stops serving after our answer
+                self.settle_pushes_to(request.self.address)
         return pb.HelloReply(
             self=self._me.peer_info(),
             cluster=self._cfg.cluster,

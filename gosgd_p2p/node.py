@@ -123,6 +123,7 @@ class GossipNode:
             cfg, me, client, send_pool, self.membership, self.inbox, self.counters,
             self._partners, log_once,
         )  # fmt: skip
+        self.membership.settle_pushes_to = self.sender.settle_pushes_to
         self.reporter = Reporter(
             me, self.local, self.inbox, self.sender, self.membership.known_peers, self.counters,
             step=lambda: self.step_count, state=self._life,
@@ -270,15 +271,18 @@ class GossipNode:
     def close(self, grace: float = 2.0) -> None:
         """Stop the server and every thread. Call finish() or leave() first to keep the weight.
 
-        After finish() the server lingers (up to linger_s) until no push or ResolvePush has
-        come for quiet_s: meanwhile it refuses pushes, which tells senders it left, and it
-        answers the ResolvePush of any sender whose ack was lost, which only it can answer.
+        After finish() it first tells every known peer that it is closing (a Hello), and each
+        answers once it has settled its pushes to this node by ResolvePush, which only this node
+        can answer. Then the server lingers (up to linger_s) until no push or ResolvePush has
+        come for quiet_s: meanwhile it refuses pushes, which tells senders it left, and answers
+        any ResolvePush still coming.
         """
         if self._closed:
             return
         self._closed = True
         self.receiver.refuse_donations()
         if self._finished:
+            self.membership.farewell(2 * self.config.rpc_timeout_s)
             deadline = time.monotonic() + self.config.linger_s
             while (now := time.monotonic()) < deadline:
                 quiet_left = self.receiver.last_settling_call + self.config.quiet_s - now

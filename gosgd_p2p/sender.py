@@ -40,6 +40,10 @@ RESOLVE_BACKOFF_MAX_S = 5.0
 #: A receiver's port must refuse connections this long before a push to it is written off,
 #: seconds: a node whose network process died serves again on the same port within it.
 REFUSED_GRACE_S = 3.0
+#: How long a push to a node that said it is closing comes straight back, seconds: long
+#: enough for a push already headed there as the news came; after it, the address (maybe a
+#: node restarted there) is pushed to again once membership finds it live.
+CLOSED_RECEIVER_S = 30.0
 
 
 def _payload(header: pb.StateHeader, buf: torch.Tensor) -> memoryview:
@@ -75,6 +79,13 @@ class Sender:
         self._inflight = 0
         #: message id -> (receiver address, weight) of every push handed over and not settled
         self._unsettled: dict[int, tuple[str, float]] = {}
+        #: message id -> receiver address of every deliver() in progress (a leave's too)
+        self._delivering: dict[int, str] = {}
+        #: message id -> the receiver's final answer (COMMITTED or ABORTED), asked before it
+        #: closed (settle_pushes_to) for a push still in progress
+        self._answers: dict[int, int] = {}
+        #: receiver address -> when its node said it is closing
+        self._closed_receivers: dict[str, float] = {}
         self._inflight_cv = threading.Condition()
         self._stop = threading.Event()
 
@@ -115,10 +126,57 @@ class Sender:
             encoding=header.encoding,
         )
         with self._inflight_cv:
-            self._inflight += 1
-            self._unsettled[header.message_id] = (address, weight)
+            closed = self._closed_recently(address)
+            if not closed:
+                self._inflight += 1
+                self._unsettled[header.message_id] = (address, weight)
+        if closed:  # it said it is closing after it was chosen: not pushed, the weight is ours
+            self._inbox.put_returned(msg)
+            self._counters.add(Count.PUSHES_RETURNED)
+            return
         self._counters.add(Count.PUSHES_STARTED)
         self._threads.submit(self._push_task, address, header, msg)
+
+    def settle_pushes_to(self, address: str) -> int:
+        """The node at `address` said it is closing (its Hello; a server thread): settle every
+        push to it now, by ResolvePush while it still answers; returns how many it settled.
+
+        It has finished, so it commits nothing more: its answer for a push still in progress
+        is final (ABORTED, or COMMITTED), and that push, however it ends, is settled by that
+        answer (see _resolve). A push handed over from now on is not sent there.
+        """
+        with self._inflight_cv:
+            now = time.monotonic()
+            for gone in [
+                a for a, t in self._closed_receivers.items() if now - t > CLOSED_RECEIVER_S
+            ]:
+                del self._closed_receivers[gone]
+            self._closed_receivers[address] = now
+            ids = {mid for mid, (a, _) in self._unsettled.items() if a == address}
+            ids.update(mid for mid, a in self._delivering.items() if a == address)
+        settled = 0
+        for message_id in sorted(ids):
+            try:
+                outcome = self.client.resolve(
+                    address, self._me.node_id, message_id, timeout=self._cfg.rpc_timeout_s
+                )
+            except grpc.RpcError:
+                continue  # settled as any push whose ack was lost (_resolve)
+            if outcome not in (pb.PUSH_OUTCOME_COMMITTED, pb.PUSH_OUTCOME_ABORTED):
+                continue
+            with self._inflight_cv:
+                if message_id in self._unsettled or message_id in self._delivering:
+                    self._answers[message_id] = outcome
+                    settled += 1
+        if ids:
+            log.info(
+                "%s is closing: settled %d of our %d push(es) to it", address, settled, len(ids)
+            )
+        return settled
+
+    def _closed_recently(self, address: str) -> bool:
+        when = self._closed_receivers.get(address)
+        return when is not None and time.monotonic() - when <= CLOSED_RECEIVER_S
 
     def hand_over(
         self, addresses: list[str], weight: float, step: int, buf: torch.Tensor
@@ -225,6 +283,7 @@ class Sender:
             with self._inflight_cv:
                 self._inflight -= 1
                 self._unsettled.pop(header.message_id, None)
+                self._answers.pop(header.message_id, None)
                 self._inflight_cv.notify_all()
 
     def deliver(self, address: str, header: pb.StateHeader, payload: memoryview) -> PushOutcome:
@@ -234,18 +293,25 @@ class Sender:
         push is only ever "maybe delivered" when its last chunk left and no ack came back (a
         cut connection, a deadline): then the receiver alone knows, and `_resolve` asks it.
         """
+        with self._inflight_cv:
+            self._delivering[header.message_id] = address
         try:
-            ack = self.client.push(
-                address, header, payload, self._cfg.push_timeout_s, self._cfg.chunk_bytes
-            )
-        except PushFailed as err:
-            self._push_failed(address, err)
-            if not err.maybe_delivered:
-                return PushOutcome(PushFate.RETURNED, header.weight)
-            outcome = self._resolve(address, header)
-        else:
-            self._membership.succeeded(address)
-            outcome = PushOutcome(PushFate.ACKED, header.weight, ack.receiver_id)
+            try:
+                ack = self.client.push(
+                    address, header, payload, self._cfg.push_timeout_s, self._cfg.chunk_bytes
+                )
+            except PushFailed as err:
+                self._push_failed(address, err)
+                if not err.maybe_delivered:
+                    return PushOutcome(PushFate.RETURNED, header.weight)
+                outcome = self._resolve(address, header)
+            else:
+                self._membership.succeeded(address)
+                outcome = PushOutcome(PushFate.ACKED, header.weight, ack.receiver_id)
+        finally:
+            with self._inflight_cv:
+                self._delivering.pop(header.message_id, None)
+                self._answers.pop(header.message_id, None)
         if outcome.fate is PushFate.ACKED:
             if outcome.receiver_id:
                 self._partners.add(outcome.receiver_id)
@@ -271,7 +337,8 @@ class Sender:
         message: when its port has refused connections for REFUSED_GRACE_S (the process is
         gone, and whatever it had committed is gone with its own weight), after forget_after_s
         without an answer (the time after which a node forgets a dead peer), or when the node
-        gives up (close()).
+        gives up (close()). A receiver that finishes answers before it stops serving: its Hello
+        saying it is closing makes settle_pushes_to ask, and the answer is taken here.
         Taking it back could count it twice if the receiver had committed it; the log says
         how much is written off.
         """
@@ -281,10 +348,14 @@ class Sender:
         delay = 0.1
         while True:
             try:
-                outcome = self.client.resolve(
+                with self._inflight_cv:
+                    answered = self._answers.get(header.message_id)
+                outcome = answered or self.client.resolve(
                     address, header.sender_id, header.message_id, timeout=cfg.rpc_timeout_s
                 )
             except grpc.RpcError as err:
+                if header.message_id in self._answers:
+                    continue  # it answered as it closed (settle_pushes_to)
                 now = time.monotonic()
                 refused = "connection refused" in (err.details() or "").lower()
                 refused_since = (refused_since or now) if refused else None

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gosgd_p2p/v1/gossip.proto\x12\x0cgosgd_p2p.v1\"\xf2\x01\n\x0bStateHeader\x12\x11\n\tsender_id\x18\x01 \x01(\t\x12\x12\n\nmessage_id\x18\x02 \x01(\x04\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\x0c\x12(\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\x16.gosgd_p2p.v1.Encoding\x12\x15\n\rpayload_bytes\x18\x06 \x01(\x04\x12\x13\n\x0bsender_step\x18\x07 \x01(\x04\x12\x0f\n\x07\x63luster\x18\x08 \x01(\t\x12\x18\n\x10protocol_version\x18\t \x01(\r\x12\x16\n\x0esender_address\x18\n \x01(\t\"s\n\nStateChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.gosgd_p2p.v1.StateHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x12\n\x05\x63rc32\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_crc32\"8\n\x0cStateMessage\x12(\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x18.gosgd_p2p.v1.StateChunk\"1\n\x07PushAck\x12\x13\n\x0breceiver_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"p\n\x0c\x46\x65tchRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\x0c\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\",\n\x08PeerInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\x98\x01\n\x0cHelloRequest\x12$\n\x04self\x18\x01 \x01(\x0b\x32\x16.gosgd_p2p.v1.PeerInfo\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\x12%\n\x05peers\x18\x04 \x03(\x0b\x32\x16.gosgd_p2p.v1.PeerInfo\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\"\xb8\x01\n\nHelloReply\x12$\n\x04self\x18\x01 \x01(\x0b\x32\x16.gosgd_p2p.v1.PeerInfo\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\x12%\n\x05peers\x18\x04 \x03(\x0b\x32\x16.gosgd_p2p.v1.PeerInfo\x12\x0c\n\x04step\x18\x05 \x01(\x04\x12\x11\n\thas_state\x18\x06 \x01(\x08\x12\x11\n\taccepting\x18\x07 \x01(\x08\"7\n\x0eResolveRequest\x12\x11\n\tsender_id\x18\x01 \x01(\t\x12\x12\n\nmessage_id\x18\x02 \x01(\x04\":\n\x0cResolveReply\x12*\n\x07outcome\x18\x01 \x01(\x0e\x32\x19.gosgd_p2p.v1.PushOutcome\"\x0f\n\rStatusRequest\"Y\n\nPeerStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x19\n\x11last_seen_seconds\x18\x04 \x01(\x01\"\xec\x03\n\x0bStatusReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\x12&\n\x05state\x18\x05 \x01(\x0e\x32\x17.gosgd_p2p.v1.NodeState\x12\x0c\n\x04step\x18\x06 \x01(\x04\x12\x18\n\x10steps_per_second\x18\x07 \x01(\x01\x12\x16\n\x0euptime_seconds\x18\x08 \x01(\x01\x12\x0e\n\x06weight\x18\t \x01(\x01\x12\x14\n\x0cinbox_weight\x18\n \x01(\x01\x12\x18\n\x10in_flight_weight\x18\x0b \x01(\x01\x12\x18\n\x10in_flight_pushes\x18\x0c \x01(\r\x12\x1a\n\x12weight_written_off\x18\r \x01(\x01\x12\x16\n\x0e\x66ounded_weight\x18\x0e \x01(\x01\x12\x16\n\tlast_loss\x18\x0f \x01(\x01H\x00\x88\x01\x01\x12\x15\n\rmessages_sent\x18\x10 \x01(\x04\x12\x19\n\x11messages_received\x18\x11 \x01(\x04\x12\x19\n\x11messages_returned\x18\x12 \x01(\x04\x12\'\n\x05peers\x18\x13 \x03(\x0b\x32\x18.gosgd_p2p.v1.PeerStatusB\x0c\n\n_last_loss*v\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x11\n\rENCODING_FP32\x10\x01\x12\x11\n\rENCODING_BF16\x10\x02\x12\x11\n\rENCODING_FP16\x10\x03\x12\x17\n\x13\x45NCODING_INT8_BLOCK\x10\x04*{\n\x0bPushOutcome\x12\x1c\n\x18PUSH_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16PUSH_OUTCOME_COMMITTED\x10\x01\x12\x18\n\x14PUSH_OUTCOME_ABORTED\x10\x02\x12\x18\n\x14PUSH_OUTCOME_UNKNOWN\x10\x03*\xa0\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13NODE_STATE_STARTING\x10\x01\x12\x17\n\x13NODE_STATE_TRAINING\x10\x02\x12\x17\n\x13NODE_STATE_DRAINING\x10\x03\x12\x17\n\x13NODE_STATE_FINISHED\x10\x04\x12\x13\n\x0fNODE_STATE_LEFT\x10\x05\x32\x9a\x03\n\x06Gossip\x12>\n\tPushState\x12\x18.gosgd_p2p.v1.StateChunk\x1a\x15.gosgd_p2p.v1.PushAck(\x01\x12@\n\x0bPushMessage\x12\x1a.gosgd_p2p.v1.StateMessage\x1a\x15.gosgd_p2p.v1.PushAck\x12\x44\n\nFetchState\x12\x1a.gosgd_p2p.v1.FetchRequest\x1a\x18.gosgd_p2p.v1.StateChunk0\x01\x12=\n\x05Hello\x12\x1a.gosgd_p2p.v1.HelloRequest\x1a\x18.gosgd_p2p.v1.HelloReply\x12G\n\x0bResolvePush\x12\x1c.gosgd_p2p.v1.ResolveRequest\x1a\x1a.gosgd_p2p.v1.ResolveReply\x12@\n\x06Status\x12\x1b.gosgd_p2p.v1.StatusRequest\x1a\x19.gosgd_p2p.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gosgd_p2p/v1/gossip.proto\x12\x0cgosgd_p2p.v1\"\xf2\x01\n\x0bStateHeader\x12\x11\n\tsender_id\x18\x01 \x01(\t\x12\x12\n\nmessage_id\x18\x02 \x01(\x04\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\x0c\x12(\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\x16.gosgd_p2p.v1.Encoding\x12\x15\n\rpayload_bytes\x18\x06 \x01(\x04\x12\x13\n\x0bsender_step\x18\x07 \x01(\x04\x12\x0f\n\x07\x63luster\x18\x08 \x01(\t\x12\x18\n\x10protocol_version\x18\t \x01(\r\x12\x16\n\x0esender_address\x18\n \x01(\t\"s\n\nStateChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.gosgd_p2p.v1.StateHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x12\n\x05\x63rc32\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_crc32\"8\n\x0cStateMessage\x12(\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x18.gosgd_p2p.v1.StateChunk\"1\n\x07PushAck\x12\x13\n\x0breceiver_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"p\n\x0c\x46\x65tchRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\x0c\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\",\n\x08PeerInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\xa9\x01\n\x0cHelloRequest\x12$\n\x04self\x18\x01 \x01(\x0b\x32\x16.gosgd_p2p.v1.PeerInfo\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\x12%\n\x05peers\x18\x04 \x03(\x0b\x32\x16.gosgd_p2p.v1.PeerInfo\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\x12\x0f\n\x07\x63losing\x18\x06 \x01(\x08\"\xb8\x01\n\nHelloReply\x12$\n\x04self\x18\x01 \x01(\x0b\x32\x16.gosgd_p2p.v1.PeerInfo\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\x12%\n\x05peers\x18\x04 \x03(\x0b\x32\x16.gosgd_p2p.v1.PeerInfo\x12\x0c\n\x04step\x18\x05 \x01(\x04\x12\x11\n\thas_state\x18\x06 \x01(\x08\x12\x11\n\taccepting\x18\x07 \x01(\x08\"7\n\x0eResolveRequest\x12\x11\n\tsender_id\x18\x01 \x01(\t\x12\x12\n\nmessage_id\x18\x02 \x01(\x04\":\n\x0cResolveReply\x12*\n\x07outcome\x18\x01 \x01(\x0e\x32\x19.gosgd_p2p.v1.PushOutcome\"\x0f\n\rStatusRequest\"Y\n\nPeerStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x19\n\x11last_seen_seconds\x18\x04 \x01(\x01\"\xec\x03\n\x0bStatusReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\x12&\n\x05state\x18\x05 \x01(\x0e\x32\x17.gosgd_p2p.v1.NodeState\x12\x0c\n\x04step\x18\x06 \x01(\x04\x12\x18\n\x10steps_per_second\x18\x07 \x01(\x01\x12\x16\n\x0euptime_seconds\x18\x08 \x01(\x01\x12\x0e\n\x06weight\x18\t \x01(\x01\x12\x14\n\x0cinbox_weight\x18\n \x01(\x01\x12\x18\n\x10in_flight_weight\x18\x0b \x01(\x01\x12\x18\n\x10in_flight_pushes\x18\x0c \x01(\r\x12\x1a\n\x12weight_written_off\x18\r \x01(\x01\x12\x16\n\x0e\x66ounded_weight\x18\x0e \x01(\x01\x12\x16\n\tlast_loss\x18\x0f \x01(\x01H\x00\x88\x01\x01\x12\x15\n\rmessages_sent\x18\x10 \x01(\x04\x12\x19\n\x11messages_received\x18\x11 \x01(\x04\x12\x19\n\x11messages_returned\x18\x12 \x01(\x04\x12\'\n\x05peers\x18\x13 \x03(\x0b\x32\x18.gosgd_p2p.v1.PeerStatusB\x0c\n\n_last_loss*v\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x11\n\rENCODING_FP32\x10\x01\x12\x11\n\rENCODING_BF16\x10\x02\x12\x11\n\rENCODING_FP16\x10\x03\x12\x17\n\x13\x45NCODING_INT8_BLOCK\x10\x04*{\n\x0bPushOutcome\x12\x1c\n\x18PUSH_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16PUSH_OUTCOME_COMMITTED\x10\x01\x12\x18\n\x14PUSH_OUTCOME_ABORTED\x10\x02\x12\x18\n\x14PUSH_OUTCOME_UNKNOWN\x10\x03*\xa0\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13NODE_STATE_STARTING\x10\x01\x12\x17\n\x13NODE_STATE_TRAINING\x10\x02\x12\x17\n\x13NODE_STATE_DRAINING\x10\x03\x12\x17\n\x13NODE_STATE_FINISHED\x10\x04\x12\x13\n\x0fNODE_STATE_LEFT\x10\x05\x32\x9a\x03\n\x06Gossip\x12>\n\tPushState\x12\x18.gosgd_p2p.v1.StateChunk\x1a\x15.gosgd_p2p.v1.PushAck(\x01\x12@\n\x0bPushMessage\x12\x1a.gosgd_p2p.v1.StateMessage\x1a\x15.gosgd_p2p.v1.PushAck\x12\x44\n\nFetchState\x12\x1a.gosgd_p2p.v1.FetchRequest\x1a\x18.gosgd_p2p.v1.StateChunk0\x01\x12=\n\x05Hello\x12\x1a.gosgd_p2p.v1.HelloRequest\x1a\x18.gosgd_p2p.v1.HelloReply\x12G\n\x0bResolvePush\x12\x1c.gosgd_p2p.v1.ResolveRequest\x1a\x1a.gosgd_p2p.v1.ResolveReply\x12@\n\x06Status\x12\x1b.gosgd_p2p.v1.StatusRequest\x1a\x19.gosgd_p2p.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gosgd_p2p.v1.gossip_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENCODING']._serialized_start=1736
-  _globals['_ENCODING']._serialized_end=1854
-  _globals['_PUSHOUTCOME']._serialized_start=1856
-  _globals['_PUSHOUTCOME']._serialized_end=1979
-  _globals['_NODESTATE']._serialized_start=1982
-  _globals['_NODESTATE']._serialized_end=2142
+  _globals['_ENCODING']._serialized_start=1753
+  _globals['_ENCODING']._serialized_end=1871
+  _globals['_PUSHOUTCOME']._serialized_start=1873
+  _globals['_PUSHOUTCOME']._serialized_end=1996
+  _globals['_NODESTATE']._serialized_start=1999
+  _globals['_NODESTATE']._serialized_end=2159
   _globals['_STATEHEADER']._serialized_start=44
   _globals['_STATEHEADER']._serialized_end=286
   _globals['_STATECHUNK']._serialized_start=288
@@ -50,19 +50,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PEERINFO']._serialized_start=628
   _globals['_PEERINFO']._serialized_end=672
   _globals['_HELLOREQUEST']._serialized_start=675
-  _globals['_HELLOREQUEST']._serialized_end=827
-  _globals['_HELLOREPLY']._serialized_start=830
-  _globals['_HELLOREPLY']._serialized_end=1014
-  _globals['_RESOLVEREQUEST']._serialized_start=1016
-  _globals['_RESOLVEREQUEST']._serialized_end=1071
-  _globals['_RESOLVEREPLY']._serialized_start=1073
-  _globals['_RESOLVEREPLY']._serialized_end=1131
-  _globals['_STATUSREQUEST']._serialized_start=1133
-  _globals['_STATUSREQUEST']._serialized_end=1148
-  _globals['_PEERSTATUS']._serialized_start=1150
-  _globals['_PEERSTATUS']._serialized_end=1239
-  _globals['_STATUSREPLY']._serialized_start=1242
-  _globals['_STATUSREPLY']._serialized_end=1734
-  _globals['_GOSSIP']._serialized_start=2145
-  _globals['_GOSSIP']._serialized_end=2555
+  _globals['_HELLOREQUEST']._serialized_end=844
+  _globals['_HELLOREPLY']._serialized_start=847
+  _globals['_HELLOREPLY']._serialized_end=1031
+  _globals['_RESOLVEREQUEST']._serialized_start=1033
+  _globals['_RESOLVEREQUEST']._serialized_end=1088
+  _globals['_RESOLVEREPLY']._serialized_start=1090
+  _globals['_RESOLVEREPLY']._serialized_end=1148
+  _globals['_STATUSREQUEST']._serialized_start=1150
+  _globals['_STATUSREQUEST']._serialized_end=1165
+  _globals['_PEERSTATUS']._serialized_start=1167
+  _globals['_PEERSTATUS']._serialized_end=1256
+  _globals['_STATUSREPLY']._serialized_start=1259
+  _globals['_STATUSREPLY']._serialized_end=1751
+  _globals['_GOSSIP']._serialized_start=2162
+  _globals['_GOSSIP']._serialized_end=2572
 # @@protoc_insertion_point(module_scope)

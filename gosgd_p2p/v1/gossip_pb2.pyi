@@ -119,18 +119,20 @@ class PeerInfo(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class HelloRequest(_message.Message):
-    __slots__ = ("self", "cluster", "protocol_version", "peers", "draining")
+    __slots__ = ("self", "cluster", "protocol_version", "peers", "draining", "closing")
     SELF_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    CLOSING_FIELD_NUMBER: _ClassVar[int]
     self: PeerInfo
     cluster: str
     protocol_version: int
     peers: _containers.RepeatedCompositeFieldContainer[PeerInfo]
     draining: bool
-    def __init__(self_, self: _Optional[_Union[PeerInfo, _Mapping]] = ..., cluster: _Optional[str] = ..., protocol_version: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., draining: _Optional[bool] = ...) -> None: ...
+    closing: bool
+    def __init__(self_, self: _Optional[_Union[PeerInfo, _Mapping]] = ..., cluster: _Optional[str] = ..., protocol_version: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., draining: _Optional[bool] = ..., closing: _Optional[bool] = ...) -> None: ...
 
 class HelloReply(_message.Message):
     __slots__ = ("self", "cluster", "protocol_version", "peers", "step", "has_state", "accepting")
