@@ -13,9 +13,8 @@ How they meet: shared memory and a small control channel (Unix SOCK_SEQPACKET so
   place), streams the payload into it and checks its CRC (intake.py, the front half). Then it
   asks the training process to commit slot r: that process decodes, checks finite values (torch
   kernels that release the GIL), commits to its inbox under the fate memory, and answers; then
-  the child tells it whether the call was still alive (a one-way note when it was, since
-  nothing can be refused then; a request when it died, and its message is taken back out, as
-  in threads mode), and only then acks the sender. The committed slot is the
+  the child tells it whether the call was still alive (a call that died has its message taken
+  back out, as in threads mode), and only then acks the sender. The committed slot is the
   message's payload: it is merged straight from shared memory and handed back to the child
   afterwards ("release r").
 - Hello, ResolvePush and Status are forwarded as they are; the answers come from the training
@@ -77,9 +76,6 @@ log = logging.getLogger(__name__)
 CALL_BYTES = 1 << 17
 #: Requests the child's server threads may have open with the training process at once.
 CALLERS = 8
-#: Requests the training process answers with nothing (the child does not wait): a committed
-#: message whose call was still alive as it ended is settled without a second round trip.
-ONE_WAY = frozenset({"settled"})
 
 
 class NetworkProcess(SendProcessClient):
@@ -231,12 +227,6 @@ class NetworkProcess(SendProcessClient):
             if not request:
                 return  # the child is gone
             kind, *args = pickle.loads(request)
-            if kind in ONE_WAY:  # a note: the child does not wait for an answer
-                try:
-                    getattr(self, f"_on_{kind}")(*args)
-                except Exception:
-                    log.exception("the network process's %s note failed", kind)
-                continue
             try:
                 answer: tuple[Any, ...] = ("ok", getattr(self, f"_on_{kind}")(*args))
             except Reject as reject:
@@ -283,9 +273,6 @@ class NetworkProcess(SendProcessClient):
                 if self._held.get(slot) is msg:
                     del self._held[slot]
             raise
-
-    def _on_settled(self, sender_id: str, message_id: int) -> None:
-        self._on_settle(sender_id, message_id, True)  # alive: it cannot be refused
 
     def _on_resolve(self, raw: bytes, peer: str) -> bytes:
         request = pb.ResolveRequest.FromString(raw)
@@ -511,16 +498,6 @@ class _Bridge:
             raise RuntimeError(rest[0])
         return rest[0]
 
-    def _note(self, kind: str, *args: Any) -> None:
-        """A one-way request (ONE_WAY): sent in order on a caller socket, not answered."""
-        conn = self._callers.get()
-        try:
-            conn.send(pickle.dumps((kind, *args)))
-        except OSError:
-            os._exit(0)  # the node is gone: so are we
-        finally:
-            self._callers.put(conn)
-
     def receive_push(
         self,
         chunks: Iterator[Chunk],
@@ -541,10 +518,9 @@ class _Bridge:
         if not active():
             raise Reject(Status.INVALID, Why.ABORTED, "the call failed before the message ended")
         ack, committed = self._call("commit", header.SerializeToString(), slot)
-        if committed and active():
-            self._note("settled", header.sender_id, header.message_id)
-        elif committed:  # Reject if taken back out: the slot is ours again
-            self._call("settle", header.sender_id, header.message_id, False)
+        if committed:
+            # Reject if taken back out: the slot is ours again
+            self._call("settle", header.sender_id, header.message_id, active())
         return pb.PushAck.FromString(ack), committed
 
     def donate_state(self, request: pb.FetchRequest, peer: str) -> Iterator[bytes]:
