@@ -80,7 +80,8 @@ def test_a_restarted_daemon_whose_seed_is_down_waits_and_rejoins(node_processes,
     b_args = (*train, "--steps", "400", "--peers", seed, "--checkpoint-every", "20",
               "--checkpoint-dir", str(tmp_path / "ckpt-b"))  # fmt: skip
     b = node_processes("b", *b_args)
-    wait_until(lambda: any((tmp_path / "ckpt-b").glob("*")), 120, "b's first checkpoint")
+    # a complete checkpoint: "*" would also match the hidden temporary file of one being written
+    wait_until(lambda: any((tmp_path / "ckpt-b").glob("ckpt-*.pt")), 120, "b's first checkpoint")
     b.kill()
     a.kill()
     assert b.wait(30) != 0 and a.wait(30) != 0
