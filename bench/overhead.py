@@ -53,6 +53,7 @@ def trainer(args: dict[str, Any], out: Any) -> None:
     def step() -> None:
         work.step()
         node.step()
+        sink.refill(node)
 
     for _ in range(args["warmup"]):
         step()

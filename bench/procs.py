@@ -1,12 +1,15 @@
-"""Child processes of a benchmark: one job's result, reaping, dying with the parent, RSS."""
+"""Child processes of a benchmark: one job's result, reaping, dying with the parent, RSS, the
+CPU time of a process's threads."""
 
 from __future__ import annotations
 
 import ctypes
 import multiprocessing as mp
+import os
 import queue
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -76,3 +79,25 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float | None:
         return None
     match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
     return int(match.group(1)) / 1024 if match else None
+
+
+def thread_cpu_s() -> dict[str, float]:
+    """CPU seconds (user + system) this process's threads have used so far, summed by what they
+    are: "main" (the training thread), the name of each other Python thread with its trailing
+    number dropped ("gosgd-net-answer"), and "native" for threads Python did not start
+    (gRPC's C core, torch's pools), including those that have ended."""
+    tick = os.sysconf("SC_CLK_TCK")
+    named = {t.native_id: t.name for t in threading.enumerate()}
+    main = threading.main_thread().native_id
+    out: dict[str, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # a thread that just ended
+            continue
+        name = named.get(int(tid))
+        group = "main" if int(tid) == main else re.sub(r"[-_]?\d+$", "", name) if name else ""
+        if group:
+            out[group] = out.get(group, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    out["native"] = max(0.0, time.process_time() - sum(out.values()))
+    return out

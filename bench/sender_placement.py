@@ -58,7 +58,7 @@ import torch
 from bench import procs, sink, workloads
 from bench.report import fmt, write_json
 from bench.workloads import CLUSTER
-from gosgd_p2p.client import PeerClient
+from gosgd_p2p.client import PeerClient, PushFailed
 from gosgd_p2p.state import StateLayout, module_state
 from gosgd_p2p.v1 import gossip_pb2 as pb
 from gosgd_p2p.wire import PROTOCOL_VERSION, split_for_streaming
@@ -124,10 +124,11 @@ def sender_process(address: str, model: str, shm_name: str, conn: Any) -> None:
 
 def pusher_process(address: str, model: str, rate: float, conn: Any) -> None:
     """The `receive` placement's peer: after "go", pushes to `address` at `rate` a second until
-    "stop", then sends back how many it pushed."""
+    "stop", then sends back how many it pushed and how many the node refused as busy (its
+    inbox full: a node answers so when it merges slower than messages arrive)."""
     layout = StateLayout(module_state(workloads.model(model, "cpu")))
     data = memoryview(bytearray(layout.nbytes))  # zeros: a valid state
-    pushed = 0
+    pushed = refused = 0
     client = PeerClient()  # the calls a node makes: PushMessage for a state of one chunk
     client.push(address, _header(layout, f"pusher-{os.getpid()}", 0), data, TIMEOUT_S)
     conn.send("ready")
@@ -135,11 +136,17 @@ def pusher_process(address: str, model: str, rate: float, conn: Any) -> None:
     due = time.monotonic()
     while not conn.poll(max(0.0, due - time.monotonic())):
         pushed += 1
-        client.push(address, _header(layout, f"pusher-{os.getpid()}", pushed), data, TIMEOUT_S)
+        header = _header(layout, f"pusher-{os.getpid()}", pushed)
+        try:
+            client.push(address, header, data, TIMEOUT_S)
+        except PushFailed as err:
+            if err.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            refused += 1
         due = max(due + 1.0 / rate, time.monotonic() - 0.05)  # no catch-up burst
     conn.recv()  # stop
     client.close()
-    conn.send(pushed)
+    conn.send((pushed, refused))
 
 
 class _Raw:
@@ -277,8 +284,9 @@ def other_cpus() -> set[int]:
 
 
 def trainer(job: dict[str, Any], out: Any) -> None:
-    """Train job["steps"] steps with the job's placement; put (mean step s, pushes, peak RSS
-    MB of this process, peak RSS MB of the node's child process or 0)."""
+    """Train job["steps"] steps with the job's placement; put (mean step s, pushes, pushes the
+    node refused as busy, this process's CPU ms per step by thread (procs.thread_cpu_s), peak
+    RSS MB of this process, peak RSS MB of the node's child process or 0)."""
     from gosgd_p2p import GossipNode, NodeConfig
 
     if job["pin"]:
@@ -326,6 +334,7 @@ def trainer(job: dict[str, Any], out: Any) -> None:
         work.step()
         if node is not None:
             node.step()
+            sink.refill(node)
         elif rng.random() < p and raw is not None and not raw.busy():
             layout.flatten_into(state, raw.flat)
             raw.start(next(ids))
@@ -333,22 +342,25 @@ def trainer(job: dict[str, Any], out: Any) -> None:
 
     for _ in range(job["warmup"]):
         step()
-    pushes = 0
+    pushes = refused = 0
     counted = "merged_received" if pusher is not None else "pushes_started"
     if pusher is not None:
         pusher.send("go")
         while node is not None and not node.counters.get(counted):  # the first one arrived
             step()
     before = node.counters.get(counted) if node is not None else 0
+    cpu_before = procs.thread_cpu_s()
     started = time.perf_counter()
     for _ in range(job["steps"]):
         step()
     per_step = (time.perf_counter() - started) / job["steps"]
+    cpu_after = procs.thread_cpu_s()
+    cpu_ms = {k: (v - cpu_before.get(k, 0.0)) * 1e3 / job["steps"] for k, v in cpu_after.items()}
     if pusher is not None:
         pusher.send("stop")
         if not pusher.poll(TIMEOUT_S):
             raise TimeoutError("the pusher did not stop")
-        pusher.recv()
+        _, refused = pusher.recv()
         proc.join(TIMEOUT_S)
     child_mb = 0.0
     if node is not None:
@@ -364,7 +376,14 @@ def trainer(job: dict[str, Any], out: Any) -> None:
         raw.close()
         if raw.errors:
             raise RuntimeError(f"{placement}: {len(raw.errors)} failed pushes: {raw.errors[0]!r}")
-    out.put((per_step, pushes, procs.rss_mb(os.getpid(), "VmHWM") or 0.0, child_mb))
+    rss_mb = procs.rss_mb(os.getpid(), "VmHWM") or 0.0
+    out.put((per_step, pushes, refused, cpu_ms, rss_mb, child_mb))
+
+
+def _cpu_medians(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The median over `rows` of each thread group's CPU ms per step (0 where a run lacks it)."""
+    groups = {group for r in rows for group in r["cpu_ms_per_step"]}
+    return {g: statistics.median(r["cpu_ms_per_step"].get(g, 0.0) for r in rows) for g in groups}
 
 
 def main() -> None:
@@ -399,16 +418,20 @@ def main() -> None:
                 job = {"placement": placement, "p": args.p, "sink": address, "model": args.model,
                        "steps": args.steps, "warmup": args.warmup, "rate": args.rate,
                        "pin": args.pin}  # fmt: skip
-                per_step, pushes, rss_mb, child_mb = procs.run_job(
+                per_step, pushes, refused, cpu_ms, rss_mb, child_mb = procs.run_job(
                     trainer, job, limit_s=600, name="trainer"
                 )
-                row = {"step_s": per_step, "pushes": pushes, "peak_rss_mb": rss_mb,
+                row = {"step_s": per_step, "pushes": pushes, "refused": refused,
+                       "cpu_ms_per_step": cpu_ms, "peak_rss_mb": rss_mb,
                        "child_peak_rss_mb": child_mb}  # fmt: skip
                 runs[placement].append(row)
-                print(f"  {placement:<8} {per_step * 1e3:.4f} ms/step, {pushes} pushes", flush=True)
+                busy = f", {refused} refused as busy" if refused else ""
+                print(f"  {placement:<8} {per_step * 1e3:.4f} ms/step, {pushes} pushes{busy}",
+                      flush=True)  # fmt: skip
     base = statistics.median(r["step_s"] for r in runs["none"])
+    base_cpu = _cpu_medians(runs["none"])
     print(f"{'placement':<9} {'step ms':>8} {'slowdown':>9} {'pushes':>7} {'lost ms/push':>13} "
-          f"{'RSS MB':>7} {'child MB':>9}")  # fmt: skip
+          f"{'main CPU':>9} {'other CPU':>10} {'RSS MB':>7} {'child MB':>9}")  # fmt: skip
     summary = {}
     for placement, rows in runs.items():
         step_s = statistics.median(r["step_s"] for r in rows)
@@ -416,12 +439,20 @@ def main() -> None:
         lost = (step_s - base) * args.steps / pushes * 1e3 if pushes else None
         rss = max(r["peak_rss_mb"] for r in rows)
         child = max(r["child_peak_rss_mb"] for r in rows)
+        # the trainer's CPU per push beyond the baseline's, by thread
+        cpu = {group: (ms - base_cpu.get(group, 0.0)) * args.steps / pushes if pushes else None
+               for group, ms in _cpu_medians(rows).items()}  # fmt: skip
+        main_cpu = cpu.get("main")
+        other_cpu = (
+            sum(v for g, v in cpu.items() if g != "main" and v is not None) if pushes else None
+        )
         summary[placement] = {"step_s": step_s, "slowdown": step_s / base, "pushes": pushes,
-                              "lost_ms_per_push": lost, "peak_rss_mb": rss,
-                              "child_peak_rss_mb": child}  # fmt: skip
+                              "lost_ms_per_push": lost, "cpu_ms_per_push": cpu,
+                              "peak_rss_mb": rss, "child_peak_rss_mb": child}  # fmt: skip
         print(
             f"{placement:<9} {step_s * 1e3:>8.4f} {step_s / base:>8.3f}x {pushes:>7.0f} "
-            f"{fmt(lost, '.2f'):>13} {rss:>7.0f} {child:>9.0f}"
+            f"{fmt(lost, '.2f'):>13} {fmt(main_cpu, '.3f'):>9} {fmt(other_cpu, '.3f'):>10} "
+            f"{rss:>7.0f} {child:>9.0f}"
         )
     write_json(args.json, "sender_placement", model=args.model, p=args.p, steps=args.steps,
                receive_rate=args.rate, pinned=args.pin, median=summary, runs=runs)  # fmt: skip

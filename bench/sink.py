@@ -17,6 +17,23 @@ READY_TIMEOUT_S = 120.0  # spawn, imports and the node's server
 STOP_TIMEOUT_S = 30.0
 
 
+#: Below this weight a node pushing into the sink gets its founder's weight back (refill).
+REFILL_BELOW = 2.0**-16
+
+
+def refill(node: Any) -> None:
+    """Give a node that pushes into the sink its founder's weight (1.0) again once it is
+    down to REFILL_BELOW (training thread, after node.step()).
+
+    The sink keeps every push's weight, where peers would send weight back. Weights are whole
+    numbers of 2^-32 (gosgd_p2p.wire.WEIGHT_QUANTUM), so without this a node would stop
+    pushing after about 32 halvings in a row, and a benchmark would time a node that has
+    nothing left to send. The benchmark's node is alone with the sink: no cluster total is
+    at stake."""
+    if node.local.weight < REFILL_BELOW:
+        node.local.weight = 1.0
+
+
 def release_unmerged(node: Any, stop: Any, every_s: float) -> threading.Thread:
     """Start a thread that gives every received message's buffer back without merging it,
     each `every_s` seconds, until `stop` (an Event) is set: the sink's CPU goes to receiving,
