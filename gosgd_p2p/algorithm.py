@@ -132,12 +132,21 @@ class PushOutcome:
 
 
 @torch.no_grad()
-def merge_(x: Sequence[torch.Tensor], a: float, x_s: Sequence[torch.Tensor], a_s: float) -> float:
+def merge_(
+    x: Sequence[torch.Tensor],
+    a: float,
+    x_s: Sequence[torch.Tensor],
+    a_s: float,
+    *,
+    scratch: bool = False,
+) -> float:
     """Merge the message (x_s, a_s) into (x, a) in place; return the new weight a + a_s.
 
     `x` and `x_s` are matching sequences of tensors (same shapes; x_s may be float32 while x is
     another float type, and may live on another device only if it is a CPU tensor for a CPU x).
     `a` >= 0 and `a_s` > 0 are weights. A node with a == 0 (a joiner) takes x_s exactly.
+    With `scratch`, x_s is the caller's to lose: when a > 0 it holds x_s - x (the x before the
+    merge) afterwards, and x takes x + t (x_s - x) from it, which needs no tensor of its own.
     Must be called by the one thread that owns x and a.
     """
     a = check_weight(a, positive=False)
@@ -150,14 +159,23 @@ def merge_(x: Sequence[torch.Tensor], a: float, x_s: Sequence[torch.Tensor], a_s
             d.copy_(s)
         return a_s
     t = a_s / (a + a_s)
+    # One fused kernel per dtype group instead of one launch per tensor.
     same = [(d, s) for d, s in zip(x, x_s, strict=True) if d.dtype == s.dtype]
     if same:
-        # One fused kernel per dtype group instead of one launch per tensor.
-        dst, src = zip(*same, strict=True)
-        torch._foreach_lerp_(list(dst), list(src), t)
+        dst, src = (list(group) for group in zip(*same, strict=True))
+        if scratch:
+            torch._foreach_sub_(src, dst)
+            torch._foreach_add_(dst, src, alpha=t)
+        else:
+            torch._foreach_lerp_(dst, src, t)
     for d, s in zip(x, x_s, strict=True):
         if d.dtype != s.dtype:
-            d.lerp_(s.to(d.dtype), t)
+            if scratch:  # in x's precision, as the lerp would be
+                diff = s.to(d.dtype).sub_(d)
+                d.add_(diff, alpha=t)
+                s.copy_(diff)
+            else:
+                d.lerp_(s.to(d.dtype), t)
     return a + a_s
 
 

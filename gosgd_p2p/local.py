@@ -22,6 +22,9 @@ from gosgd_p2p.wire import payload_bytes
 
 __all__ = ["LocalState"]
 
+#: Buffers whose views LocalState keeps: an inbox's, a send pool's and the device's copy by default.
+VIEW_CACHE = 8
+
 
 def _keep(buf: torch.Tensor) -> None:
     """The release of a buffer no pool owns: nothing to give back."""
@@ -51,6 +54,7 @@ class LocalState:
         self.staging = Staging(layout, self.tensors, encoding)  # snapshots in `encoding`
         self._counters = counters
         self._last_distance: torch.Tensor | None = None
+        self._view_cache: dict[tuple[int, bool], list[torch.Tensor]] = {}
 
     @property
     def last_distance(self) -> float | None:
@@ -89,19 +93,38 @@ class LocalState:
         for msg in messages:
             msg.ready()  # returned snapshots were awaited by their sender; this makes it local
             host, release = self._decoded(msg)
-            incoming = self.layout.views(self.staging.load(host))
+            loaded = self.staging.load(host)
+            had_weight = self.weight > 0.0
+            # the loaded buffer is ours until released: the merge leaves x_s - x in it
+            views = self._views(loaded, keep=loaded is not host or release is not _keep)
+            self.weight = algorithm.merge_(
+                self.tensors, self.weight, views, msg.weight, scratch=True
+            )
             if msg.returned:
                 self._counters.add(Count.MERGED_RETURNED)
             else:
-                diffs = torch._foreach_sub(incoming, self.tensors)
-                # kept as a tensor: a float() here would wait for the GPU at every merge
-                self._last_distance = torch.linalg.vector_norm(
-                    torch.stack(torch._foreach_norm(diffs))
-                )
+                if had_weight:
+                    # kept as a tensor: a float() here would wait for the GPU at every merge
+                    self._last_distance = torch.linalg.vector_norm(loaded)
                 self._counters.add(Count.MERGED_RECEIVED)
-            self.weight = algorithm.merge_(self.tensors, self.weight, incoming, msg.weight)
             self.staging.release_after(release, host)
         self._counters.observe(Count.MERGE, time.perf_counter() - started)
+
+    def _views(self, flat: torch.Tensor, keep: bool) -> list[torch.Tensor]:
+        """layout.views(flat); with `keep`, kept for the next merge from the same buffer (a
+        receive slot, a send buffer, the device's copy): making the views costs about as much
+        as the merge of a small model. A kept entry holds its buffer's memory, so no other
+        buffer can take that address while it is kept."""
+        if not keep:
+            return self.layout.views(flat)
+        key = (flat.data_ptr(), flat.is_cuda)
+        views = self._view_cache.pop(key, None)
+        if views is None:
+            views = self.layout.views(flat)
+        self._view_cache[key] = views  # the most recently used last
+        while len(self._view_cache) > VIEW_CACHE:
+            del self._view_cache[next(iter(self._view_cache))]
+        return views
 
     def _decoded(self, msg: Message) -> tuple[torch.Tensor, Callable[[torch.Tensor], None]]:
         """The float32 state of `msg` on the host, and what releases it once merged.

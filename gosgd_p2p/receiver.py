@@ -337,6 +337,8 @@ class Receiver:
     def serve_donations(self, donate: Donate, step: int) -> None:
         """Answer the joiners waiting for a state: `donate` snapshots into a receive buffer
         and splits the weight, exactly as for a push."""
+        if not self._donations.queue:
+            return  # the usual step; read unlocked, so a joiner arriving now waits a step
         while True:
             try:
                 fut, given_buf, release = self._donations.get_nowait()

@@ -55,8 +55,9 @@ def _random_state(gen: torch.Generator, shapes, dtypes) -> list[torch.Tensor]:
     data=st.data(),
     a=weights,
     a_s=weights,
+    scratch=st.booleans(),
 )
-def test_merge_is_the_weighted_average(seed, shapes, data, a, a_s) -> None:
+def test_merge_is_the_weighted_average(seed, shapes, data, a, a_s, scratch) -> None:
     dtypes = [
         data.draw(st.sampled_from([torch.float32, torch.float64, torch.float16])) for _ in shapes
     ]
@@ -67,12 +68,29 @@ def test_merge_is_the_weighted_average(seed, shapes, data, a, a_s) -> None:
         (a * d.double() + a_s * s.double()) / (a + a_s) for d, s in zip(x, x_s, strict=True)
     ]
 
-    new_a = merge_(x, a, x_s, a_s)
+    before = [t.clone() for t in x]
+    sent = [t.clone() for t in x_s]
+
+    new_a = merge_(x, a, x_s, a_s, scratch=scratch)
 
     assert new_a == a + a_s
     for got, want, dtype in zip(x, expected, dtypes, strict=True):
         assert got.dtype == dtype  # merged in place, dtype kept
         torch.testing.assert_close(got.double(), want, **TOL[dtype])
+    for left, old_x, s in zip(x_s, before, sent, strict=True):
+        # scratch: the message's tensors hold x_s - x, so a caller can take its norm
+        assert torch.equal(left, (s.to(old_x.dtype) - old_x).to(s.dtype) if scratch else s)
+
+
+def test_a_merge_with_scratch_keeps_an_equal_state_bitwise() -> None:
+    gen = torch.Generator().manual_seed(7)
+    x = _random_state(gen, SHAPES, [torch.float32] * len(SHAPES))
+    x_s = [t.clone() for t in x]
+    same = [t.clone() for t in x]
+    merge_(x, 3.0, x_s, 1.0, scratch=True)
+    for got, want, diff in zip(x, same, x_s, strict=True):
+        assert torch.equal(got, want)
+        assert not diff.any()
 
 
 @settings(max_examples=50, deadline=None)
@@ -87,10 +105,13 @@ def test_merge_into_zero_weight_takes_the_message_bitwise(seed, dtype, a_s) -> N
     x = _random_state(gen, shapes, [dtype] * 3)
     x_s = _random_state(gen, shapes, [torch.float32] * 3)
 
-    assert merge_(x, 0.0, x_s, a_s) == a_s
+    sent = [t.clone() for t in x_s]
 
-    for got, src in zip(x, x_s, strict=True):
+    assert merge_(x, 0.0, x_s, a_s, scratch=True) == a_s
+
+    for got, src, kept in zip(x, x_s, sent, strict=True):
         assert torch.equal(got, src.to(dtype))
+        assert torch.equal(src, kept)  # a == 0 copies: the message is left as it came
 
 
 def test_merge_into_zero_weight_overwrites_non_finite_values() -> None:

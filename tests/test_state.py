@@ -8,7 +8,13 @@ import pytest
 import torch
 from torch import nn
 
+from gosgd_p2p.codec import buffer_numel, encode
+from gosgd_p2p.inbox import Message
+from gosgd_p2p.local import LocalState
+from gosgd_p2p.metrics import Counters
 from gosgd_p2p.state import WIRE_DTYPE, BufferPool, StateLayout, all_finite, module_state
+from gosgd_p2p.v1 import gossip_pb2 as pb
+from gosgd_p2p.wire import payload_bytes
 
 torch.set_num_threads(1)
 
@@ -240,3 +246,68 @@ def test_all_finite_accepts_the_extremes_and_empty() -> None:
     big = torch.finfo(torch.float32).max
     assert all_finite(torch.tensor([big, -big, 0.0, 1e-45]))
     assert all_finite(torch.empty(0))
+
+
+# --- LocalState's merge ---------------------------------------------------------------------
+
+
+def _local(model: nn.Module) -> tuple[LocalState, list[torch.Tensor]]:
+    named = module_state(model)
+    tensors = [t for _, t in named]
+    local = LocalState(tensors, StateLayout(named), Counters())
+    local.weight = 1.0
+    return local, tensors
+
+
+def _message(payload: torch.Tensor, weight: float, released: list[int]) -> Message:
+    return Message(
+        sender_id="s", message_id=len(released), weight=weight, payload=payload,
+        sender_step=1, returned=False, release=lambda buf: released.append(buf.data_ptr()),
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def test_merges_from_a_reused_buffer_read_its_new_contents_and_report_the_distance() -> None:
+    local, tensors = _local(_net())
+    layout = local.layout
+    buf = torch.empty(layout.numel)  # one receive buffer, as an inbox slot is, used again
+    other = torch.empty(layout.numel)
+    released: list[int] = []
+    for round_, (flat, weight) in enumerate([(buf, 1.0), (other, 2.0), (buf, 4.0), (buf, 8.0)]):
+        incoming = torch.randn(layout.numel, generator=torch.Generator().manual_seed(round_))
+        flat.copy_(incoming)
+        x = torch.cat([t.reshape(-1) for t in tensors])
+        a = local.weight
+        local.merge([_message(flat, weight, released)])
+        want = (a * x.double() + weight * incoming.double()) / (a + weight)
+        got = torch.cat([t.reshape(-1) for t in tensors])
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+        assert local.weight == a + weight
+        assert local.last_distance == pytest.approx(float(torch.dist(incoming, x)), rel=1e-5)
+    assert released == [buf.data_ptr(), other.data_ptr(), buf.data_ptr(), buf.data_ptr()]
+    assert len(local._view_cache) == 2  # the two buffers' views, kept
+
+
+@torch.no_grad()
+def test_a_decoded_buffer_of_a_returned_push_is_not_kept() -> None:
+    local, tensors = _local(_net())
+    start = [t.clone() for t in tensors]
+    numel = local.layout.numel
+    for encoding in (pb.ENCODING_BF16, pb.ENCODING_INT8_BLOCK):
+        wire = torch.zeros(buffer_numel(encoding, numel))  # a send buffer, as the pool has it
+        encode(
+            encoding, torch.ones(numel), wire.view(torch.uint8)[: payload_bytes(encoding, numel)]
+        )
+        msg = Message(
+            sender_id="me", message_id=1, weight=0.5, payload=wire, sender_step=1,
+            returned=True, release=lambda buf: None, encoding=encoding,
+        )  # fmt: skip
+        local.merge([msg])
+    assert local.weight == 2.0
+    x0 = torch.cat([t.reshape(-1) for t in start])
+    want = ((x0 + 0.5) / 1.5 * 1.5 + 0.5) / 2.0  # two pushes of ones, each of weight 0.5
+    torch.testing.assert_close(
+        torch.cat([t.reshape(-1) for t in tensors]), want, rtol=1e-2, atol=1e-2
+    )
+    # each decoded buffer was the merge's own: none is kept past it
+    assert list(local._view_cache) == []
