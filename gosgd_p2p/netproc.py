@@ -11,12 +11,14 @@ How they meet: shared memory and a small control channel (Unix SOCK_SEQPACKET so
   node and answers with the ack or the failure.
 - Pushes in: the child checks the header, takes a receive slot (shared memory, one per inbox
   place), streams the payload into it and checks its CRC (intake.py, the front half). Then it
-  asks the training process to commit slot r: that process decodes, checks finite values (torch
-  kernels that release the GIL), commits to its inbox under the fate memory, and answers; then
-  the child tells it whether the call was still alive (a call that died has its message taken
-  back out, as in threads mode), and only then acks the sender. The committed slot is the
-  message's payload: it is merged straight from shared memory and handed back to the child
-  afterwards ("release r").
+  asks the training process to commit slot r, only while the call is alive: that process
+  decodes, checks finite values (torch kernels that release the GIL), commits to its inbox
+  under the fate memory, counts the message received, and answers; then the child acks the
+  sender. One request a message: a call that dies after the commit leaves its message
+  committed (threads mode takes it back out when it still can), and its sender learns so by
+  ResolvePush, which answers COMMITTED, so no weight is lost or counted twice. The committed
+  slot is the message's payload: it is merged straight from shared memory and handed back to
+  the child afterwards ("release r").
 - Hello, ResolvePush and Status are forwarded as they are; the answers come from the training
   process, which owns the peer table, the fates and the counters.
 - A donation to a joiner: the child takes a slot, the training thread snapshots into it and
@@ -150,9 +152,6 @@ class NetworkProcess(SendProcessClient):
         self._held: dict[int, Message] = {}
         #: slots whose message is being committed (a release then ends the commit's hold)
         self._committing: set[int] = set()
-        #: (sender, message id) -> (header, message, slot) of a message committed whose call
-        #: has not said how it ended
-        self._unsettled: dict[tuple[str, int], tuple[pb.StateHeader, Message, int]] = {}
         #: slot -> whether a donation's last chunk is out (then its weight may be the joiner's)
         self._donating: dict[int, bool] = {}
         self._closing = False
@@ -246,33 +245,20 @@ class NetworkProcess(SendProcessClient):
         header = pb.StateHeader.FromString(header_bytes)
         with self._lock:  # once committed, it may be merged and released at once
             self._committing.add(slot)
+        msg = None
         try:
-            # the child asked only while the call was alive; it says how the call ended (settle)
+            # the child asked only while the call was alive; committed, it stays so (see above)
             ack, msg = self._receiver.commit_unsettled(
                 header, self.slots[slot], lambda: True, self._release
             )
+            if msg is not None:
+                self._receiver.settle_received(header, msg, True)
         finally:
-            with self._lock:
-                released = slot not in self._committing
-                self._committing.discard(slot)
-        if msg is not None:
-            with self._lock:
-                if not released:
+            with self._lock:  # one section: a release between two would leave a stale hold
+                if msg is not None and slot in self._committing:  # not merged and released yet
                     self._held[slot] = msg
-                self._unsettled[header.sender_id, header.message_id] = (header, msg, slot)
+                self._committing.discard(slot)
         return ack.SerializeToString(), msg is not None
-
-    def _on_settle(self, sender_id: str, message_id: int, alive: bool) -> None:
-        # the message may be merged already, and its slot released: it is known by its id
-        with self._lock:
-            header, msg, slot = self._unsettled.pop((sender_id, message_id))
-        try:
-            self._receiver.settle_received(header, msg, alive)
-        except Reject:  # taken back out before any merge: the child releases the slot
-            with self._lock:
-                if self._held.get(slot) is msg:
-                    del self._held[slot]
-            raise
 
     def _on_resolve(self, raw: bytes, peer: str) -> bytes:
         request = pb.ResolveRequest.FromString(raw)
@@ -338,9 +324,6 @@ class NetworkProcess(SendProcessClient):
         from gosgd_p2p.state import BufferPool
 
         with self._lock:
-            for header, msg, _ in self._unsettled.values():  # committed: received, ack or not
-                self._receiver.settle_received(header, msg, True)
-            self._unsettled.clear()
             for slot, last in list(self._donating.items()):
                 msg = self._held[slot]
                 if last:  # its last chunk was out: the joiner may hold the weight
@@ -518,9 +501,6 @@ class _Bridge:
         if not active():
             raise Reject(Status.INVALID, Why.ABORTED, "the call failed before the message ended")
         ack, committed = self._call("commit", header.SerializeToString(), slot)
-        if committed:
-            # Reject if taken back out: the slot is ours again
-            self._call("settle", header.sender_id, header.message_id, active())
         return pb.PushAck.FromString(ack), committed
 
     def donate_state(self, request: pb.FetchRequest, peer: str) -> Iterator[bytes]:
