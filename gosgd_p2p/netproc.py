@@ -10,15 +10,16 @@ How they meet: shared memory and a small control channel (Unix SOCK_SEQPACKET so
 - Pushes out: as send_process (sendproc.py), the child streams a send buffer it shares with the
   node and answers with the ack or the failure.
 - Pushes in: the child checks the header, takes a receive slot (shared memory, one per inbox
-  place), streams the payload into it and checks its CRC (intake.py, the front half). Then it
-  asks the training process to commit slot r, only while the call is alive: that process
-  decodes, checks finite values (torch kernels that release the GIL), commits to its inbox
-  under the fate memory, counts the message received, and answers; then the child acks the
-  sender. One request a message: a call that dies after the commit leaves its message
-  committed (threads mode takes it back out when it still can), and its sender learns so by
-  ResolvePush, which answers COMMITTED, so no weight is lost or counted twice. The committed
-  slot is the message's payload: it is merged straight from shared memory and handed back to
-  the child afterwards ("release r").
+  place), streams the payload into it and checks its CRC (intake.py, the front half), and
+  that a float32 payload is finite (numpy). Then, only while the call is alive, it asks the
+  training process to commit slot r: that process decodes any other encoding and checks its
+  values (torch kernels that release the GIL), commits to its inbox under the fate memory,
+  counts the message received, and answers; then the child acks the sender. One request a
+  message: a call that dies after the commit leaves its message committed (threads mode
+  takes it back out when it still can), and its sender learns so by ResolvePush, which
+  answers COMMITTED, so no weight is lost or counted twice. The committed slot is the
+  message's payload: it is merged straight from shared memory and handed back to the child
+  afterwards ("release r").
 - Hello, ResolvePush and Status are forwarded as they are; the answers come from the training
   process, which owns the peer table, the fates and the counters.
 - A donation to a joiner: the child takes a slot, the training thread snapshots into it and
@@ -60,7 +61,7 @@ from gosgd_p2p.security import Credentials
 from gosgd_p2p.sendproc import RECORD_BYTES, START_TIMEOUT_S, SendProcessClient, start_child
 from gosgd_p2p.server import GossipServer
 from gosgd_p2p.v1 import gossip_pb2 as pb
-from gosgd_p2p.wire import Chunk, Expectation, split_for_streaming
+from gosgd_p2p.wire import Chunk, Expectation, float32_finite, split_for_streaming
 
 if TYPE_CHECKING:
     import torch
@@ -249,7 +250,7 @@ class NetworkProcess(SendProcessClient):
         try:
             # the child asked only while the call was alive; committed, it stays so (see above)
             ack, msg = self._receiver.commit_unsettled(
-                header, self.slots[slot], lambda: True, self._release
+                header, self.slots[slot], lambda: True, self._release, checked=True
             )
             if msg is not None:
                 self._receiver.settle_received(header, msg, True)
@@ -498,6 +499,9 @@ class _Bridge:
     def _commit(
         self, header: pb.StateHeader, slot: int, active: Callable[[], bool]
     ) -> tuple[pb.PushAck, bool]:
+        payload = self._views[slot][: header.payload_bytes]
+        if header.encoding == pb.ENCODING_FP32 and not float32_finite(payload):  # our CPU, GIL
+            raise Reject(Status.INVALID, Why.NOT_FINITE, "state has NaN or Inf values")
         if not active():
             raise Reject(Status.INVALID, Why.ABORTED, "the call failed before the message ended")
         ack, committed = self._call("commit", header.SerializeToString(), slot)

@@ -187,10 +187,14 @@ class Receiver:
         buf: torch.Tensor,
         active: Callable[[], bool],
         release: Callable[[torch.Tensor], None],
+        *,
+        checked: bool = False,
     ) -> tuple[pb.PushAck, Message | None]:
-        """commit_received without the settling: a committed message must then be settled."""
+        """commit_received without the settling: a committed message must then be settled.
+        `checked`: a float32 payload was found finite already (the network process did)."""
         self.last_settling_call = time.monotonic()
-        finish_state(header, buf, self._numel)
+        if not (checked and header.encoding == pb.ENCODING_FP32):
+            finish_state(header, buf, self._numel)
         msg = Message(
             sender_id=header.sender_id,
             message_id=header.message_id,

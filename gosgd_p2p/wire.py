@@ -231,6 +231,18 @@ def _copy_into(out: memoryview, at: int, data: bytes | memoryview) -> None:
     ctypes.memmove(buffer_address(out) + at, buffer_address(data), n)
 
 
+def float32_finite(data: memoryview) -> bool:
+    """True when no float32 in `data` (a whole number of them) is NaN or infinite.
+
+    One min/max pass, as state.all_finite does with torch: NaN propagates into both and an
+    infinity becomes an extreme. numpy, so the network process checks without torch.
+    """
+    values = np.frombuffer(data, dtype=np.float32)
+    if values.size == 0:
+        return True
+    return bool(np.isfinite(values.min()) and np.isfinite(values.max()))
+
+
 def buffer_address(buf: bytes | memoryview) -> int:
     """Address of the first byte of a contiguous buffer (kept alive by the caller)."""
     if isinstance(buf, bytes):

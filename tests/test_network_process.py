@@ -82,18 +82,18 @@ def test_the_network_process_serves_and_pushes_without_torch(encoding: str) -> N
     assert all(gone(pid) for pid in children if pid is not None)  # close() stopped them
 
 
-def test_a_message_merged_before_its_call_is_settled(caplog) -> None:
+def test_a_message_merged_before_its_commit_is_answered(caplog) -> None:
     """The training thread may merge a committed message, and release its slot, as soon as it
-    is in the inbox: before the commit's answer, and before the network process says how the
-    call ended. The slot goes back once, and the settling finds the message by its id."""
+    is in the inbox: before the commit's answer. The slot goes back once, and is not left
+    marked as held (which a later death of the child would take for a slot in use)."""
     b = GossipNode(model(), node_config("b", CLUSTER, p=0.0, network_process=True))
     real_commit = b.receiver.commit_unsettled
     # x and a have one owner: two commits answered at once (a has two send buffers) must not
     # merge at once, or one merge's weight overwrites the other's
     merging = threading.Lock()
 
-    def merge_at_once(*args: Any) -> Any:
-        committed = real_commit(*args)
+    def merge_at_once(*args: Any, **kw: Any) -> Any:
+        committed = real_commit(*args, **kw)
         with merging:  # b's test thread never steps: this is its only merge
             b.local.merge(b.inbox.drain())
         return committed
@@ -160,8 +160,8 @@ def test_kill_9_of_the_network_process_during_a_receive() -> None:
     holding, held, resume = threading.Event(), threading.Event(), threading.Event()
     real_commit = b.receiver.commit_unsettled
 
-    def held_commit(*args: Any) -> Any:
-        committed = real_commit(*args)
+    def held_commit(*args: Any, **kw: Any) -> Any:
+        committed = real_commit(*args, **kw)
         if holding.is_set() and committed[1] is not None:  # committed, not yet acked
             holding.clear()
             held.set()

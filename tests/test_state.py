@@ -14,7 +14,7 @@ from gosgd_p2p.local import LocalState
 from gosgd_p2p.metrics import Counters
 from gosgd_p2p.state import WIRE_DTYPE, BufferPool, StateLayout, all_finite, module_state
 from gosgd_p2p.v1 import gossip_pb2 as pb
-from gosgd_p2p.wire import payload_bytes
+from gosgd_p2p.wire import float32_finite, payload_bytes
 
 torch.set_num_threads(1)
 
@@ -238,14 +238,17 @@ def test_pool_is_thread_safe() -> None:
 def test_all_finite_finds_any_nan_or_infinity(bad: float, where: int) -> None:
     flat = torch.randn(1000)
     assert all_finite(flat)
+    assert float32_finite(memoryview(flat.numpy()).cast("B"))  # the network process's check
     flat[where] = bad
     assert not all_finite(flat)
+    assert not float32_finite(memoryview(flat.numpy()).cast("B"))
 
 
 def test_all_finite_accepts_the_extremes_and_empty() -> None:
     big = torch.finfo(torch.float32).max
-    assert all_finite(torch.tensor([big, -big, 0.0, 1e-45]))
-    assert all_finite(torch.empty(0))
+    for flat in (torch.tensor([big, -big, 0.0, 1e-45]), torch.empty(0)):
+        assert all_finite(flat)
+        assert float32_finite(memoryview(flat.numpy()).cast("B"))
 
 
 # --- LocalState's merge ---------------------------------------------------------------------
