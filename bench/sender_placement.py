@@ -1,7 +1,7 @@
 """Benchmark: where the sender runs, and what each push costs the training loop there.
 
     python -m bench.sender_placement [--model mlp] [--p 0.1] [--steps 3000] [--repeats 5]
-        [--rate 200] [--placements node,sendproc,...] [--pin]
+        [--rate 200] [--placements node,sendproc,...] [--pin [process|thread]]
         [--json bench/results/sender_placement.json]
 
 The overhead benchmark shows that a small, fast model (the mlp: a small state, a short step)
@@ -33,7 +33,10 @@ The raw placements (thread, asyncio, process) send the same wire chunks (wire.sp
 streaming) and keep one push in flight: a draw that finds the sender busy is skipped. Every
 placement runs in a fresh trainer process, interleaved over the repeats; `none` (p = 0) is the
 baseline. Reported: median step time, its ratio to `none`, pushes (for `receive`: messages
-merged), and the training time lost per push, (step - baseline) x steps / pushes.
+merged), the training time lost per push, (step - baseline) x steps / pushes, and the
+trainer's CPU per push beyond the baseline's: the training thread's ("main CPU") and its other
+threads' ("other CPU"), in ms. A node that pushes into the sink gets its weight back
+(sink.refill), as a cluster would send it.
 """
 
 from __future__ import annotations
@@ -342,6 +345,9 @@ def trainer(job: dict[str, Any], out: Any) -> None:
 
     for _ in range(job["warmup"]):
         step()
+    if job["pin"] == "thread":  # the node's threads exist by now (those it starts later do not)
+        pin_all(os.getpid(), other_cpus())
+        os.sched_setaffinity(0, {0})  # the calling thread: the training thread
     pushes = refused = 0
     counted = "merged_received" if pusher is not None else "pushes_started"
     if pusher is not None:
@@ -398,9 +404,11 @@ def main() -> None:
         "--placements", default=",".join(PLACEMENTS), help="which to run; none always runs"
     )
     parser.add_argument(
-        "--pin", action="store_true",
-        help="the trainer on CPU 0; the sink, pusher and sender processes on the others, as if "
-        "the peers were other machines",
+        "--pin", nargs="?", const="process", choices=("process", "thread"), default=None,
+        help="process (the default): the trainer's process on CPU 0, the sink, pusher and "
+        "child processes on the others, as if the peers were other machines; thread: only the "
+        "training thread on CPU 0, the trainer's other threads (gRPC's, the node's) with the "
+        "rest, as on a host with cores to spare",
     )  # fmt: skip
     parser.add_argument("--json", default="bench/results/sender_placement.json")
     args = parser.parse_args()
