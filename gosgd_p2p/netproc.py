@@ -500,7 +500,8 @@ class _Bridge:
         self, header: pb.StateHeader, slot: int, active: Callable[[], bool]
     ) -> tuple[pb.PushAck, bool]:
         payload = self._views[slot][: header.payload_bytes]
-        if header.encoding == pb.ENCODING_FP32 and not float32_finite(payload):  # our CPU, GIL
+        # checked here, so that the training process's GIL is not held for it
+        if header.encoding == pb.ENCODING_FP32 and not float32_finite(payload):
             raise Reject(Status.INVALID, Why.NOT_FINITE, "state has NaN or Inf values")
         if not active():
             raise Reject(Status.INVALID, Why.ABORTED, "the call failed before the message ended")
