@@ -249,11 +249,9 @@ class NetworkProcess(SendProcessClient):
         msg = None
         try:
             # the child asked only while the call was alive; committed, it stays so (see above)
-            ack, msg = self._receiver.commit_unsettled(
+            ack, msg = self._receiver.commit_received(
                 header, self.slots[slot], lambda: True, self._release, checked=True
             )
-            if msg is not None:
-                self._receiver.settle_received(header, msg, True)
         finally:
             with self._lock:  # one section: a release between two would leave a stale hold
                 if msg is not None and slot in self._committing:  # not merged and released yet

@@ -170,13 +170,15 @@ class Receiver:
         buf: torch.Tensor,
         active: Callable[[], bool],
         release: Callable[[torch.Tensor], None],
+        *,
+        checked: bool = False,
     ) -> tuple[pb.PushAck, Message | None]:
         """The back half of a push whose payload bytes are in `buf` (any thread): decode it,
         check every value finite, commit it to the inbox, and settle it (settle_received) by
         `active()`. Returns the ack and the committed message (None for a redelivery: the
         caller keeps `buf`); `release` gives `buf` back once the message is merged. Raises
-        Reject when refused (the caller keeps `buf`)."""
-        ack, msg = self.commit_unsettled(header, buf, active, release)
+        Reject when refused (the caller keeps `buf`). `checked`: as for commit_unsettled."""
+        ack, msg = self.commit_unsettled(header, buf, active, release, checked=checked)
         if msg is not None:
             self.settle_received(header, msg, active())
         return ack, msg
