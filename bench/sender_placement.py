@@ -29,6 +29,10 @@ it (bench/sink.py); the pushes go out in one of these ways:
            every node).
   netrecv  `receive` with the trainer's node in network_process mode: its server runs in the
            child, which hands each message over through a shared receive slot.
+  traffic  the floor of `receive` and `netrecv` on a shared machine: the same pusher sends at
+           --rate to the sink instead, while the trainer's node (p = 0) idles; the trainer
+           handles no message and pays only for the CPU the traffic takes beside it ("pushes"
+           counts the pusher's).
 The raw placements (thread, asyncio, process) send the same wire chunks (wire.split_for_
 streaming) and keep one push in flight: a draw that finds the sender busy is skipped. Every
 placement runs in a fresh trainer process, interleaved over the repeats; `none` (p = 0) is the
@@ -68,13 +72,15 @@ from gosgd_p2p.wire import PROTOCOL_VERSION, split_for_streaming
 
 PLACEMENTS = (
     "none", "node", "sendproc", "network", "thread", "asyncio", "process", "unary", "receive",
-    "netrecv",
+    "netrecv", "traffic",
 )  # fmt: skip
 #: The placements that run a GossipNode, and whether it pushes (else it receives or idles).
 NODE_PUSHES = {
     "none": False, "node": True, "sendproc": True, "network": True, "receive": False,
-    "netrecv": False,
+    "netrecv": False, "traffic": False,
 }  # fmt: skip
+#: The placements with a pusher process, and whether it pushes to the trainer (else the sink).
+PUSHED = {"receive": True, "netrecv": True, "traffic": False}
 METHOD = "/gosgd_p2p.v1.Gossip/PushState"
 UNARY_PROBE = "/grpc.health.v1.Health/Check"
 TIMEOUT_S = 10.0
@@ -310,11 +316,12 @@ def trainer(job: dict[str, Any], out: Any) -> None:
                        peers=[job["sink"]], mdns=False, send_process=placement == "sendproc",
                        network_process=placement in ("network", "netrecv")),
         )  # fmt: skip
-        if placement in ("receive", "netrecv"):
+        if placement in PUSHED:
             ctx = mp.get_context("spawn")
             pusher, theirs = ctx.Pipe()
+            target = node.address if PUSHED[placement] else job["sink"]
             proc = ctx.Process(
-                target=pusher_process, args=(node.address, job["model"], job["rate"], theirs)
+                target=pusher_process, args=(target, job["model"], job["rate"], theirs)
             )
             proc.start()
             if not pusher.poll(READY_TIMEOUT_S):
@@ -352,8 +359,8 @@ def trainer(job: dict[str, Any], out: Any) -> None:
     counted = "merged_received" if pusher is not None else "pushes_started"
     if pusher is not None:
         pusher.send("go")
-        while node is not None and not node.counters.get(counted):  # the first one arrived
-            step()
+        while PUSHED[placement] and node is not None and not node.counters.get(counted):
+            step()  # until the first one arrived
     before = node.counters.get(counted) if node is not None else 0
     cpu_before = procs.thread_cpu_s()
     started = time.perf_counter()
@@ -366,11 +373,11 @@ def trainer(job: dict[str, Any], out: Any) -> None:
         pusher.send("stop")
         if not pusher.poll(TIMEOUT_S):
             raise TimeoutError("the pusher did not stop")
-        _, refused = pusher.recv()
+        pushed, refused = pusher.recv()
         proc.join(TIMEOUT_S)
     child_mb = 0.0
     if node is not None:
-        pushes = node.counters.get(counted) - before
+        pushes = node.counters.get(counted) - before if PUSHED.get(placement, True) else pushed
         child = node.send_process_pid
         child_mb = (procs.rss_mb(child, "VmHWM") or 0.0) if child is not None else 0.0
         node.finish()
