@@ -188,36 +188,30 @@ class PeerClient:
         ack: pb.PushAck = call(chunks, timeout=timeout, metadata=self._metadata)
         return ack
 
+    def unary(self, address: str, method: str, request: bytes, timeout: float) -> bytes:
+        """Call the unary Gossip `method` (Hello, ResolvePush, Status) of `address` with a
+        serialized request; the serialized reply. Raises grpc.RpcError on failure."""
+        call = self._channel(address).unary_unary(
+            f"/{SERVICE}/{method}", request_serializer=None, response_deserializer=None
+        )
+        reply: bytes = call(request, timeout=timeout, metadata=self._metadata)
+        return reply
+
     def resolve(self, address: str, sender_id: str, message_id: int, timeout: float) -> int:
         """Ask `address` for the final outcome of a push (a PushOutcome value)."""
-        call = self._channel(address).unary_unary(
-            f"/{SERVICE}/ResolvePush",
-            request_serializer=pb.ResolveRequest.SerializeToString,
-            response_deserializer=pb.ResolveReply.FromString,
-        )
         request = pb.ResolveRequest(sender_id=sender_id, message_id=message_id)
-        reply: pb.ResolveReply = call(request, timeout=timeout, metadata=self._metadata)
-        return reply.outcome
+        raw = self.unary(address, "ResolvePush", request.SerializeToString(), timeout)
+        return pb.ResolveReply.FromString(raw).outcome
 
     def hello(self, address: str, request: pb.HelloRequest, timeout: float) -> pb.HelloReply:
         """Exchange membership with `address`; raises grpc.RpcError on failure."""
-        call = self._channel(address).unary_unary(
-            f"/{SERVICE}/Hello",
-            request_serializer=pb.HelloRequest.SerializeToString,
-            response_deserializer=pb.HelloReply.FromString,
-        )
-        reply: pb.HelloReply = call(request, timeout=timeout, metadata=self._metadata)
-        return reply
+        raw = self.unary(address, "Hello", request.SerializeToString(), timeout)
+        return pb.HelloReply.FromString(raw)
 
     def status(self, address: str, timeout: float) -> pb.StatusReply:
         """Ask `address` how it is doing (read-only); raises grpc.RpcError on failure."""
-        call = self._channel(address).unary_unary(
-            f"/{SERVICE}/Status",
-            request_serializer=pb.StatusRequest.SerializeToString,
-            response_deserializer=pb.StatusReply.FromString,
-        )
-        reply: pb.StatusReply = call(pb.StatusRequest(), timeout=timeout, metadata=self._metadata)
-        return reply
+        raw = self.unary(address, "Status", pb.StatusRequest().SerializeToString(), timeout)
+        return pb.StatusReply.FromString(raw)
 
     def fetch(self, address: str, request: pb.FetchRequest, timeout: float) -> Iterator[Chunk]:
         """Ask `address` for its state; yields decoded chunks, raises grpc.RpcError on failure."""
