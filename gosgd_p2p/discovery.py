@@ -12,6 +12,7 @@ import logging
 import socket
 import threading
 from collections.abc import Callable
+from typing import Protocol
 
 import ifaddr
 from zeroconf import (
@@ -24,7 +25,14 @@ from zeroconf import (
     Zeroconf,
 )
 
-__all__ = ["SERVICE_TYPE", "MdnsDiscovery", "advertise_host", "interface_ipv4"]
+__all__ = [
+    "SERVICE_TYPE",
+    "Discovery",
+    "DiscoveryFactory",
+    "MdnsDiscovery",
+    "advertise_host",
+    "interface_ipv4",
+]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +71,21 @@ def advertise_host(listen_host: str, interface: str | None) -> str:
             if isinstance(ip.ip, str) and not ip.ip.startswith("127."):
                 return ip.ip
     return "127.0.0.1"
+
+
+class Discovery(Protocol):
+    """What membership starts and closes: MdnsDiscovery, here or in the network process."""
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+#: Makes a Discovery from MdnsDiscovery's arguments: (node_id, cluster, protocol_version,
+#: address, on_found, interface).
+DiscoveryFactory = Callable[
+    [str, str, int, tuple[str, int], Callable[[str, str], None], str | None], Discovery
+]
 
 
 class MdnsDiscovery:

@@ -20,7 +20,7 @@ import grpc
 
 from gosgd_p2p.client import PeerClient
 from gosgd_p2p.config import NodeConfig, parse_address
-from gosgd_p2p.discovery import MdnsDiscovery
+from gosgd_p2p.discovery import Discovery, DiscoveryFactory, MdnsDiscovery
 from gosgd_p2p.identity import Identity
 from gosgd_p2p.metrics import Count, Counters, LogOnce
 from gosgd_p2p.peers import Peer, PeerTable
@@ -80,12 +80,15 @@ class Membership:
         #: Settles our pushes to an address whose node said it is closing (Hello's closing);
         #: set by the node to its sender's. Returns how many it settled.
         self.settle_pushes_to: Callable[[str], int] = lambda address: 0
+        #: Makes the mDNS discovery that open() starts; set by the node to its network
+        #: process's, so that zeroconf runs there.
+        self.discovery: DiscoveryFactory = MdnsDiscovery
         self._peers: PeerTable | None = None
         self._ready = threading.Event()  # Hello waits for the peer table to exist
         self._stop = threading.Event()
         self._meet = threading.Event()  # wakes the membership thread early
         self._pool = ThreadPoolExecutor(HELLO_PARALLEL, thread_name_prefix="gosgd-hello")
-        self._discovery: MdnsDiscovery | None = None
+        self._discovery: Discovery | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -116,13 +119,13 @@ class Membership:
         # A server bound to one address is advertised on that interface only (a node on
         # 127.0.0.1 stays off the LAN); a wildcard one on every interface.
         wildcard = listen_host in ("", "0.0.0.0", "::")
-        self._discovery = MdnsDiscovery(
+        self._discovery = self.discovery(
             cfg.node_id,
             cfg.cluster,
             PROTOCOL_VERSION,
             (host, port),
-            on_found=self._found_by_mdns,
-            interface=cfg.mdns_interface or (None if wildcard else host),
+            self._found_by_mdns,
+            cfg.mdns_interface or (None if wildcard else host),
         )
         self._discovery.start()
         self._stop.wait(cfg.discovery_wait_s)

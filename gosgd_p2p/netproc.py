@@ -2,9 +2,12 @@
 
 Why: gRPC's Python code runs under the GIL, which the server's threads share with the
 training thread; receiving costs the training loop more than sending does (docs/benchmarks.md).
-In this mode the gRPC server (Gossip with every RPC, health, reflection) and the push client
-run in a child process that imports no torch. The training process keeps the model, the weight
-a, the inbox with its fate memory, the merge, membership's own calls and the settling of pushes.
+In this mode the gRPC server (Gossip with every RPC, health, reflection), the client (pushes,
+and the Hello, ResolvePush and Status calls that membership and the sender make) and mDNS
+(zeroconf) run in a child process that imports no torch. The training process keeps the model,
+the weight a, the inbox with its fate memory, the merge, the peer table and the decisions of
+membership and of settling pushes. A joiner's one FetchState runs there too, before it trains;
+its channel is closed after it.
 
 How they meet: shared memory and a small control channel (Unix SOCK_SEQPACKET socket pairs).
 - Pushes out: as send_process (sendproc.py), the child streams a send buffer it shares with the
@@ -22,6 +25,10 @@ How they meet: shared memory and a small control channel (Unix SOCK_SEQPACKET so
   afterwards ("release r").
 - Hello, ResolvePush and Status are forwarded as they are; the answers come from the training
   process, which owns the peer table, the fates and the counters.
+- The training process's own unary calls go the other way: the child makes them and answers
+  with the reply or the gRPC status, raised here as RemoteRpcError. A question can be asked
+  twice, so a call the child died in is made again from this process.
+- mDNS: the child runs MdnsDiscovery and passes each node it finds to the peer table.
 - A donation to a joiner: the child takes a slot, the training thread snapshots into it and
   splits its weight, and the child streams it.
 
@@ -34,8 +41,9 @@ When the child dies (kill -9): pushes it was making fail as "maybe delivered" an
 with ResolvePush from the training process; a message committed but not yet acked stays
 committed (its sender's ResolvePush learns so); a donation still streaming comes back to the
 inbox, and one whose last chunk had been handed over is written off (never invented). The node
-then serves gRPC from its own threads on the same port, and pushes from them (threads mode),
-saying so once. When the training process dies, the child reads end-of-file and exits.
+then serves gRPC from its own threads on the same port, pushes and calls from them, and runs
+mDNS itself (threads mode), saying so. When the training process dies, the child reads
+end-of-file and exits.
 
 Run as `python -m gosgd_p2p.netproc SPEC` by NetworkProcess only.
 """
@@ -55,10 +63,21 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import grpc
+
+from gosgd_p2p.client import PeerClient
+from gosgd_p2p.discovery import MdnsDiscovery
 from gosgd_p2p.intake import Intake
 from gosgd_p2p.reject import Reject, Status, Why
 from gosgd_p2p.security import Credentials
-from gosgd_p2p.sendproc import RECORD_BYTES, START_TIMEOUT_S, SendProcessClient, start_child
+from gosgd_p2p.sendproc import (
+    ANSWER_MARGIN_S,
+    RECORD_BYTES,
+    START_TIMEOUT_S,
+    SendProcessClient,
+    serve_requests,
+    start_child,
+)
 from gosgd_p2p.server import GossipServer
 from gosgd_p2p.v1 import gossip_pb2 as pb
 from gosgd_p2p.wire import Chunk, Expectation, float32_finite, split_for_streaming
@@ -79,6 +98,24 @@ log = logging.getLogger(__name__)
 CALL_BYTES = 1 << 17
 #: Requests the child's server threads may have open with the training process at once.
 CALLERS = 8
+#: Unary calls (Hello, ResolvePush, Status) the training process may have the child make at
+#: once; more wait for one to end.
+CALLS = 4
+
+
+class RemoteRpcError(grpc.RpcError):
+    """A unary call that the network process made and that failed as grpc.RpcError there."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
 
 
 class NetworkProcess(SendProcessClient):
@@ -116,7 +153,7 @@ class NetworkProcess(SendProcessClient):
                 os.ftruncate(fd, self._slot_bytes)
                 area = mmap.mmap(fd, self._slot_bytes)
                 self.slots.append(torch.frombuffer(area, dtype=torch.float32))
-            for _ in range(CALLERS):
+            for _ in range(CALLERS + CALLS):  # the child's requests, then ours
                 a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                 for s in (a, b):
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CALL_BYTES)
@@ -126,7 +163,8 @@ class NetworkProcess(SendProcessClient):
                 "log_name": "gosgd-net",
                 "slots": memfds,
                 "slot_bytes": self._slot_bytes,
-                "callers": [s.fileno() for s in theirs],
+                "callers": [s.fileno() for s in theirs[:CALLERS]],
+                "calls": [s.fileno() for s in theirs[CALLERS:]],
                 "server": server,
             }
             super().__init__(
@@ -146,7 +184,11 @@ class NetworkProcess(SendProcessClient):
                 os.close(fd)
             for s in theirs:
                 s.close()
-        self._callers = ours
+        self._callers = ours[:CALLERS]
+        self._calls: queue.Queue[socket.socket] = queue.Queue()
+        for conn in ours[CALLERS:]:
+            self._calls.put(conn)
+        self._call_sockets = ours[CALLERS:]
         self._slot_index = {t.data_ptr(): i for i, t in enumerate(self.slots)}
         self._lock = threading.Lock()
         #: slot -> the message committed (or donation split) into it, until it is released
@@ -157,6 +199,7 @@ class NetworkProcess(SendProcessClient):
         self._donating: dict[int, bool] = {}
         self._closing = False
         self._remote: RemoteServer | None = None
+        self._discovery: RemoteDiscovery | None = None
 
     def serve(
         self,
@@ -201,9 +244,64 @@ class NetworkProcess(SendProcessClient):
 
     def close(self) -> None:
         self._closing = True
+        if self._discovery is not None:
+            self._discovery.close()
         super().close()
-        for conn in self._callers:
+        for conn in [*self._callers, *self._call_sockets]:
             conn.close()
+
+    def unary(self, address: str, method: str, request: bytes, timeout: float) -> bytes:
+        """As PeerClient.unary, made by the child; here once the child is gone."""
+        if self._dead:
+            return super().unary(address, method, request, timeout)
+        conn = self._calls.get()
+        try:
+            conn.settimeout(timeout + ANSWER_MARGIN_S)
+            conn.send(pickle.dumps(("call", address, method, request, timeout)))
+            answer = conn.recv(CALL_BYTES)
+        except TimeoutError:
+            self._lost_child(f"no answer to a {method} call past its deadline; killed it")
+            answer = b""
+        except OSError as err:
+            if err.errno == errno.EMSGSIZE:  # a request too large to pass on: make it here
+                return super().unary(address, method, request, timeout)
+            self._lost_child(str(err))
+            answer = b""
+        finally:
+            self._calls.put(conn)
+        if not answer:  # the call is a question: asking it again is safe
+            self._lost_child(f"it exited during a {method} call")
+            return super().unary(address, method, request, timeout)
+        kind, *rest = pickle.loads(answer)
+        if kind == "reply":
+            reply: bytes = rest[0]
+            return reply
+        if kind == "rpc_error":
+            raise RemoteRpcError(grpc.StatusCode[rest[0]], rest[1])
+        return super().unary(address, method, request, timeout)  # the child could not make it
+
+    def fetch(self, address: str, request: pb.FetchRequest, timeout: float) -> Iterator[Chunk]:
+        """As PeerClient.fetch, from this process (a joiner's one call, before it trains); the
+        channel closes after it, so that every later call is the child's."""
+        try:
+            yield from super().fetch(address, request, timeout)
+        finally:
+            PeerClient.forget(self, address)
+
+    def discovery(
+        self,
+        node_id: str,
+        cluster: str,
+        protocol_version: int,
+        address: tuple[str, int],
+        on_found: Callable[[str, str], None],
+        interface: str | None,
+    ) -> RemoteDiscovery:
+        """A DiscoveryFactory: MdnsDiscovery run by the child (zeroconf's threads and sockets
+        with it), by this process once the child is gone. One per node."""
+        args = (node_id, cluster, protocol_version, address)
+        self._discovery = RemoteDiscovery(self, args, on_found, interface)
+        return self._discovery
 
     def tell(self, kind: str, arg: Any) -> bool:
         """Send a one-way control record to the child; False if it is gone."""
@@ -272,6 +370,10 @@ class NetworkProcess(SendProcessClient):
     def _on_rejected(self, kind: str, why: str, reason: str, peer: str) -> None:
         self._receiver.rejected(Reject(Status(kind), Why(why), reason), peer)
 
+    def _on_found(self, address: str, node_id: str) -> None:
+        if self._discovery is not None:
+            self._discovery.on_found(address, node_id)
+
     def _on_count(self, why: str) -> None:
         self._receiver.rejected_quietly(Why(why))
 
@@ -318,6 +420,8 @@ class NetworkProcess(SendProcessClient):
         assert self._remote is not None
         self._remote.fall_back()  # at once: our port must answer ResolvePush again
         self._lost_child("it exited")
+        if self._discovery is not None:
+            self._discovery.fall_back()
         for t in self._threads:
             t.join()  # every request it made is answered (or its answer failed) before we look
         from gosgd_p2p.state import BufferPool
@@ -409,6 +513,54 @@ class RemoteServer:
                 return
             self._local.set_serving(self._serving)
         log.error("gRPC is now served from this process, on port %d", self.port)
+
+
+class RemoteDiscovery:
+    """The node's mDNS discovery, run by its network process; once that process is gone, an
+    MdnsDiscovery in this process with the same arguments. Found peers come back as requests
+    to `on_found`."""
+
+    def __init__(
+        self,
+        owner: NetworkProcess,
+        args: tuple[str, str, int, tuple[str, int]],
+        on_found: Callable[[str, str], None],
+        interface: str | None,
+    ) -> None:
+        self._owner = owner
+        self._args = args
+        self.on_found = on_found
+        self._interface = interface
+        self._lock = threading.Lock()
+        self._started = False
+        self._closed = False
+        self._local: MdnsDiscovery | None = None
+
+    def start(self) -> None:
+        with self._lock:
+            self._started = True
+        if not self._owner.tell("mdns", (*self._args, self._interface)):
+            self.fall_back()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            local = self._local
+        if local is not None:
+            local.close()
+        else:
+            self._owner.tell("mdns_close", None)
+
+    def fall_back(self) -> None:
+        """Run discovery in this process (the network process is gone)."""
+        with self._lock:
+            if not self._started or self._closed or self._local is not None:
+                return
+            self._local = MdnsDiscovery(*self._args, self.on_found, self._interface)
+            self._local.start()
+        log.error("mDNS now runs in this process")
 
 
 # --- the child -------------------------------------------------------------------------------
@@ -543,14 +695,26 @@ class _Bridge:
     def rejected(self, reject: Reject, peer: str) -> None:
         self._call("rejected", reject.kind.value, reject.counter.value, reject.reason, peer)
 
+    def found(self, address: str, node_id: str) -> None:
+        """mDNS found a node of the cluster (zeroconf's threads)."""
+        self._call("found", address, node_id)
+
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
-    control, credentials, client = start_child(spec)
+    control, credentials, client, send_views = start_child(spec)
+    for fd in spec["calls"]:
+        threading.Thread(
+            target=serve_requests,
+            args=(socket.socket(fileno=fd), client, send_views, CALL_BYTES),
+            name="gosgd-call",
+            daemon=True,
+        ).start()
     views = [memoryview(mmap.mmap(fd, spec["slot_bytes"])) for fd in spec["slots"]]
     bridge = _Bridge(spec, views)
     control.send(b"ready")
     server: GossipServer | None = None
+    discovery: MdnsDiscovery | None = None
     while True:
         try:
             request = control.recv(RECORD_BYTES)
@@ -577,11 +741,23 @@ def main() -> None:
                 control.send(pickle.dumps(("serving", server.port, server.loopback_only)))
             except OSError as err:
                 control.send(pickle.dumps(("error", str(err))))
+        elif kind == "mdns":
+            node_id, cluster, protocol_version, address, interface = arg
+            discovery = MdnsDiscovery(
+                node_id, cluster, protocol_version, address, bridge.found, interface
+            )
+            discovery.start()
+        elif kind == "mdns_close":
+            if discovery is not None:
+                discovery.close()
+                discovery = None
         elif kind == "stop":
             if server is not None:
                 server.stop(arg)
                 server = None
             control.send(b"stopped")
+    if discovery is not None:  # the goodbye: peers stop finding us
+        discovery.close()
     client.close()  # fails the pushes still running; the node settles them
     os._exit(0)  # without waiting for daemon threads blocked in gRPC calls
 

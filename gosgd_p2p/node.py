@@ -115,6 +115,8 @@ class GossipNode:
             step=lambda: self.step_count, accepting=lambda: self.inbox.accepting, seed=seed + 1,
         )  # fmt: skip
         network = isinstance(client, NetworkProcess)  # it serves gRPC, into its receive slots
+        if isinstance(client, NetworkProcess):
+            self.membership.discovery = client.discovery  # zeroconf runs there too
         self.receiver = Receiver(
             cfg, me, self.membership, self.counters, self._partners, log_once,
             numel=self.layout.numel, pin=pin, own_buffers=not network,

@@ -20,6 +20,7 @@ Run as `python -m gosgd_p2p.sendproc SPEC` by SendProcessClient only.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import mmap
@@ -62,7 +63,8 @@ class SendProcessClient(PeerClient):
     `buffers` are `count` flat float32 tensors of `nbytes` bytes in shared memory: the node's
     send pool. A push of the whole of one, or of its first bytes (an encoded snapshot), is
     made by the child. A push of any other memory, or once the child is gone, runs here as in
-    PeerClient. Every other call (Hello, ResolvePush, FetchState) runs here: they are rare.
+    PeerClient. Every other call (Hello, ResolvePush, FetchState) runs here: they are rare
+    (a NetworkProcess, its subclass, has its child make the unary ones too).
     """
 
     #: What the log calls the child.
@@ -279,34 +281,70 @@ class SendProcessClient(PeerClient):
 # --- the child -------------------------------------------------------------------------------
 
 
-def _serve_pushes(conn: socket.socket, client: PeerClient, views: list[memoryview]) -> None:
-    """Make the pushes asked for on `conn`, one at a time, until the node closes it."""
+def serve_requests(
+    conn: socket.socket,
+    client: PeerClient,
+    views: list[memoryview],
+    record_bytes: int = RECORD_BYTES,
+) -> None:
+    """Make the pushes (and, for a network process, the unary calls) asked for on `conn`, one
+    at a time, until the node closes it. Requests are at most `record_bytes`."""
     while True:
         try:
-            request = conn.recv(RECORD_BYTES)
+            request = conn.recv(record_bytes)
         except OSError:
             return
         if not request:
             return
-        _, address, header_bytes, index, length, timeout, chunk_bytes = pickle.loads(request)
-        try:
-            header = pb.StateHeader.FromString(header_bytes)
-            ack = client.push(address, header, views[index][:length], timeout, chunk_bytes)
-            answer: tuple[Any, ...] = ("ack", ack.SerializeToString())
-        except PushFailed as err:
-            answer = ("failed", err.code.name, err.details, err.maybe_delivered)
-        except Exception as err:  # reported to the node, which takes the weight back
-            log.exception("push to %s failed unexpectedly", address)
-            answer = ("error", f"{type(err).__name__}: {err}")
+        kind, *args = pickle.loads(request)
+        answer = _call(client, *args) if kind == "call" else _push(client, views, *args)
         try:
             conn.send(pickle.dumps(answer))
-        except OSError:
-            return
+        except OSError as err:
+            if err.errno != errno.EMSGSIZE:
+                return
+            log.error("the answer to a %s is too large to pass on", kind)
+            conn.send(pickle.dumps(("error", "answer too large")))
 
 
-def start_child(spec: dict[str, Any]) -> tuple[socket.socket, Credentials, PeerClient]:
+def _push(
+    client: PeerClient,
+    views: list[memoryview],
+    address: str,
+    header_bytes: bytes,
+    index: int,
+    length: int,
+    timeout: float,
+    chunk_bytes: int,
+) -> tuple[Any, ...]:
+    try:
+        header = pb.StateHeader.FromString(header_bytes)
+        ack = client.push(address, header, views[index][:length], timeout, chunk_bytes)
+        return ("ack", ack.SerializeToString())
+    except PushFailed as err:
+        return ("failed", err.code.name, err.details, err.maybe_delivered)
+    except Exception as err:  # reported to the node, which takes the weight back
+        log.exception("push to %s failed unexpectedly", address)
+        return ("error", f"{type(err).__name__}: {err}")
+
+
+def _call(
+    client: PeerClient, address: str, method: str, request: bytes, timeout: float
+) -> tuple[Any, ...]:
+    try:
+        return ("reply", client.unary(address, method, request, timeout))
+    except grpc.RpcError as err:
+        return ("rpc_error", err.code().name, err.details() or "")  # type: ignore[attr-defined]
+    except Exception as err:  # the node makes the call itself
+        log.exception("%s to %s failed unexpectedly", method, address)
+        return ("error", f"{type(err).__name__}: {err}")
+
+
+def start_child(
+    spec: dict[str, Any],
+) -> tuple[socket.socket, Credentials, PeerClient, list[memoryview]]:
     """The child's start: logging, malloc, the credentials from the node, and the threads that
-    make pushes. Returns the control socket, the credentials and the client."""
+    make pushes. Returns the control socket, the credentials, the client and the send buffers."""
     logging.basicConfig(
         level=spec["log_level"],
         format=f"%(asctime)s {spec.get('log_name', 'gosgd-send')}[%(process)d] %(levelname)s "
@@ -324,13 +362,13 @@ def start_child(spec: dict[str, Any]) -> tuple[socket.socket, Credentials, PeerC
     for fd in spec["pushers"]:
         conn = socket.socket(fileno=fd)
         threading.Thread(
-            target=_serve_pushes, args=(conn, client, views), name="gosgd-push", daemon=True
+            target=serve_requests, args=(conn, client, views), name="gosgd-push", daemon=True
         ).start()
-    return control, credentials, client
+    return control, credentials, client, views
 
 
 def main() -> None:
-    control, _, client = start_child(json.loads(sys.argv[1]))
+    control, _, client, _ = start_child(json.loads(sys.argv[1]))
     control.send(b"ready")
     while True:
         try:

@@ -16,6 +16,7 @@ import torch
 from children import HeldReceive, gone, train, train_both
 from conftest import node_config, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from netns import needs_netns
 
 from gosgd_p2p import GossipNode, JoinError, cluster_seed
 from gosgd_p2p.client import PeerClient
@@ -42,6 +43,27 @@ def exact(weights: list[float], total: float) -> bool:
     return math.isclose(math.fsum(weights), total, rel_tol=0, abs_tol=1e-12)
 
 
+def tcp_sockets_on(pid: int, ports: set[int]) -> list[str]:
+    """The TCP sockets of process `pid` with a local or remote port in `ports` (a connection
+    to one of those servers, or the server itself), from /proc."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    found = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote, inode = fields[1], fields[2], fields[9]
+            if inode in inodes and {int(e.rsplit(":", 1)[1], 16) for e in (local, remote)} & ports:
+                found.append(f"{local} -> {remote}")
+    return found
+
+
 @pytest.mark.parametrize("encoding", ["fp32", "int8"])
 def test_the_network_process_serves_and_pushes_without_torch(encoding: str) -> None:
     b = GossipNode(model(), node_config("b", CLUSTER, p=0.5, network_process=True))
@@ -64,6 +86,10 @@ def test_the_network_process_serves_and_pushes_without_torch(encoding: str) -> N
             60,
             "20 pushes each way",
         )
+        # the training process itself speaks no gRPC: Hello and pushes went through the child
+        assert a.membership.peers.get(b.address) is not None
+        ports = {int(n.address.rsplit(":", 1)[1]) for n in (a, b)}
+        assert tcp_sockets_on(os.getpid(), ports) == []
         # Status, Hello and health answered by b's network process, from b's training process
         client = PeerClient()
         try:
@@ -252,6 +278,36 @@ def test_kill_9_of_the_network_process_during_a_donation() -> None:
                 train_both(a, c)
             weights = [a.finish(), c.finish()]
         assert exact(weights, 1.0)
+
+
+@needs_netns
+def test_mdns_runs_in_the_network_process_and_here_after_it(lab, node_processes) -> None:
+    """Daemons in a private namespace, found by mDNS alone: zeroconf runs in the network
+    process (its log lines say gosgd-net), and after a kill -9 of that process in the node's
+    own process, where a node started later still finds it."""
+    ns = lab.loopback_host()
+    args = ("--model", "mlp", "--dataset", "digits", "--cluster", CLUSTER, "--p", "0.5",
+            "--steps", "300", "--eval-every", "0", "--network-process", "--wait-for-peers", "1",
+            "--wait-timeout", "90")  # fmt: skip
+    first = node_processes("m0", *args, prefix=tuple(lab.exec_prefix(ns)))
+
+    def advertised(node: Any) -> list[str]:
+        return [line for line in node.stderr().splitlines() if "mDNS: advertising" in line]
+
+    wait_until(lambda: bool(advertised(first)), 60, "m0 to advertise")
+    assert "gosgd-net[" in advertised(first)[0], first.stderr()
+    children = [p for p in _children(first.proc.pid) if b"netproc" in _cmdline(p)]
+    assert len(children) == 1, first.stderr()
+    os.kill(children[0], signal.SIGKILL)
+    wait_until(lambda: len(advertised(first)) == 2, 60, "m0 to advertise from its own process")
+    assert "gosgd-net[" not in advertised(first)[1], first.stderr()
+    assert "mDNS now runs in this process" in first.stderr()
+    second = node_processes("m1", *args, prefix=tuple(lab.exec_prefix(ns)))
+    for node in (first, second):
+        assert node.wait(120) == 0, node.stderr()
+    assert "gosgd-net[" in advertised(second)[0], second.stderr()
+    assert first.final()["partners"] == ["m1"] and second.final()["partners"] == ["m0"]
+    assert exact([first.final()["weight"], second.final()["weight"]], 2.0)
 
 
 def test_network_process_makes_its_own_client() -> None:
