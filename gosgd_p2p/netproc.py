@@ -17,7 +17,11 @@ How they meet: shared memory and a small control channel (Unix SOCK_SEQPACKET so
   that a float32 payload is finite (numpy). Then, only while the call is alive, it asks the
   training process to commit slot r: that process decodes any other encoding and checks its
   values (torch kernels that release the GIL), commits to its inbox under the fate memory,
-  counts the message received, and answers; then the child acks the sender. One request a
+  counts the message received, and answers; then the child acks the sender. While the
+  training thread steps, a float32 commit is posted for it to take at its next step (a
+  shared board says how many were posted and when it last looked), so no other thread of
+  the training process wakes for it; one not taken within POLL_WAIT_S, or any commit while
+  the training thread does not step, goes to an answer thread. One request a
   message: a call that dies after the commit leaves its message committed (threads mode
   takes it back out when it still can), and its sender learns so by ResolvePush, which
   answers COMMITTED, so no weight is lost or counted twice. The committed slot is the
@@ -60,6 +64,7 @@ import queue
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -101,6 +106,22 @@ CALLERS = 8
 #: Unary calls (Hello, ResolvePush, Status) the training process may have the child make at
 #: once; more wait for one to end.
 CALLS = 4
+#: A commit waits this long for the training thread to take it at its next step before the
+#: child asks for it on an answer thread, seconds; the child asks there at once when the
+#: training thread has not stepped for this long.
+POLL_WAIT_S = 0.005
+
+
+class _Board:
+    """Two numbers the processes share: how many commit requests the child has posted (it
+    writes), and when the training thread last looked for them (it writes, monotonic s)."""
+
+    NBYTES = 16
+
+    def __init__(self, area: mmap.mmap) -> None:
+        view = memoryview(area)
+        self.posted = view[0:8].cast("q")
+        self.polled = view[8:16].cast("d")
 
 
 class RemoteRpcError(grpc.RpcError):
@@ -146,6 +167,10 @@ class NetworkProcess(SendProcessClient):
         ours: list[socket.socket] = []
         theirs: list[socket.socket] = []
         try:
+            board_fd = os.memfd_create("gosgd-board")
+            memfds.append(board_fd)
+            os.ftruncate(board_fd, _Board.NBYTES)
+            self._board = _Board(mmap.mmap(board_fd, _Board.NBYTES))
             self.slots: list[torch.Tensor] = []
             for i in range(slots):
                 fd = os.memfd_create(f"gosgd-recv-{i}")
@@ -153,7 +178,8 @@ class NetworkProcess(SendProcessClient):
                 os.ftruncate(fd, self._slot_bytes)
                 area = mmap.mmap(fd, self._slot_bytes)
                 self.slots.append(torch.frombuffer(area, dtype=torch.float32))
-            for _ in range(CALLERS + CALLS):  # the child's requests, then ours
+            # the child's requests, ours, and the commits the training thread takes
+            for _ in range(CALLERS + CALLS + 1):
                 a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                 for s in (a, b):
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CALL_BYTES)
@@ -161,10 +187,12 @@ class NetworkProcess(SendProcessClient):
                 theirs.append(b)
             extra = {
                 "log_name": "gosgd-net",
-                "slots": memfds,
+                "board": board_fd,
+                "slots": memfds[1:],
                 "slot_bytes": self._slot_bytes,
                 "callers": [s.fileno() for s in theirs[:CALLERS]],
-                "calls": [s.fileno() for s in theirs[CALLERS:]],
+                "calls": [s.fileno() for s in theirs[CALLERS:-1]],
+                "commits": theirs[-1].fileno(),
                 "server": server,
             }
             super().__init__(
@@ -186,9 +214,13 @@ class NetworkProcess(SendProcessClient):
                 s.close()
         self._callers = ours[:CALLERS]
         self._calls: queue.Queue[socket.socket] = queue.Queue()
-        for conn in ours[CALLERS:]:
+        for conn in ours[CALLERS:-1]:
             self._calls.put(conn)
         self._call_sockets = ours[CALLERS:]
+        self._commits = ours[-1]
+        self._commits.setblocking(False)
+        self._commits_lock = threading.Lock()  # the training thread's, or an answer thread's
+        self._taken = 0  # the board's count when the commits were last taken
         self._slot_index = {t.data_ptr(): i for i, t in enumerate(self.slots)}
         self._lock = threading.Lock()
         #: slot -> the message committed (or donation split) into it, until it is released
@@ -325,20 +357,55 @@ class NetworkProcess(SendProcessClient):
             if not request:
                 return  # the child is gone
             kind, *args = pickle.loads(request)
-            try:
-                answer: tuple[Any, ...] = ("ok", getattr(self, f"_on_{kind}")(*args))
-            except Reject as reject:
-                answer = ("reject", reject.kind.value, reject.counter.value, reject.reason)
-            except Exception as err:  # the call fails as UNKNOWN, as in threads mode
-                log.exception("the network process's %s request failed", kind)
-                answer = ("error", f"{type(err).__name__}: {err}")
-            try:
-                conn.send(pickle.dumps(answer))
-            except OSError as err:
-                if err.errno != errno.EMSGSIZE:
-                    return  # the child is gone
-                log.error("the answer to a %s request is too large to pass on", kind)
-                conn.send(pickle.dumps(("error", "answer too large")))
+            if kind == "take":  # a commit the training thread did not take in time
+                self._take_commits()
+            elif not self._reply(conn, kind, args):
+                return
+
+    def take_commits(self) -> None:
+        """Answer the commit requests the child has posted since the last call (the training
+        thread, at each step): the commit then costs no other thread's wake-up or GIL."""
+        self._board.polled[0] = time.monotonic()
+        if self._board.posted[0] != self._taken:
+            self._take_commits()
+
+    def _take_commits(self) -> None:
+        # the training thread never waits: an answer thread taking them now takes ours too
+        if not self._commits_lock.acquire(blocking=False):
+            return
+        try:
+            self._taken = self._board.posted[0]  # read first: a later post is seen next time
+            while True:
+                try:
+                    request = self._commits.recv(CALL_BYTES)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    return  # the child is gone: the watch thread sees to it
+                if not request:
+                    return
+                caller, kind, *args = pickle.loads(request)
+                self._reply(self._callers[caller], kind, args)
+        finally:
+            self._commits_lock.release()
+
+    def _reply(self, conn: socket.socket, kind: str, args: list[Any]) -> bool:
+        """Answer one request of the child on `conn`; False if the child is gone."""
+        try:
+            answer: tuple[Any, ...] = ("ok", getattr(self, f"_on_{kind}")(*args))
+        except Reject as reject:
+            answer = ("reject", reject.kind.value, reject.counter.value, reject.reason)
+        except Exception as err:  # the call fails as UNKNOWN, as in threads mode
+            log.exception("the network process's %s request failed", kind)
+            answer = ("error", f"{type(err).__name__}: {err}")
+        try:
+            conn.send(pickle.dumps(answer))
+        except OSError as err:
+            if err.errno != errno.EMSGSIZE:
+                return False  # the child is gone
+            log.error("the answer to a %s request is too large to pass on", kind)
+            conn.send(pickle.dumps(("error", "answer too large")))
+        return True
 
     def _on_commit(self, header_bytes: bytes, slot: int) -> tuple[bytes, bool]:
         header = pb.StateHeader.FromString(header_bytes)
@@ -592,9 +659,12 @@ class _Bridge:
     def __init__(self, spec: dict[str, Any], views: list[memoryview]) -> None:
         server = spec["server"]
         self._views = views
-        self._callers: queue.Queue[socket.socket] = queue.Queue()
-        for fd in spec["callers"]:
-            self._callers.put(socket.socket(fileno=fd))
+        self._callers: queue.Queue[tuple[int, socket.socket]] = queue.Queue()
+        for i, fd in enumerate(spec["callers"]):
+            self._callers.put((i, socket.socket(fileno=fd)))
+        self._commits = socket.socket(fileno=spec["commits"])
+        self._board = _Board(mmap.mmap(spec["board"], _Board.NBYTES))
+        self._post_lock = threading.Lock()
         self._chunk_bytes = server["chunk_bytes"]
         #: Whether the node accepts pushes (its health status; it decides at commit anyway).
         self.serving = False
@@ -614,15 +684,32 @@ class _Bridge:
             lambda why: self._call("count", why.value),
         )
 
-    def _call(self, kind: str, *args: Any) -> Any:
-        conn = self._callers.get()
+    def _call(self, kind: str, *args: Any, post: bool = False) -> Any:
+        """Ask the training process; with `post`, for its training thread to answer at its
+        next step, or an answer thread after POLL_WAIT_S (a commit)."""
+        caller, conn = self._callers.get()
         try:
-            conn.send(pickle.dumps((kind, *args)))
-            answer = conn.recv(CALL_BYTES)
+            stepping = time.monotonic() - self._board.polled[0] < POLL_WAIT_S
+            if post and stepping:
+                with self._post_lock:
+                    self._commits.send(pickle.dumps((caller, kind, *args)))
+                    self._board.posted[0] += 1
+                conn.settimeout(POLL_WAIT_S)
+                try:
+                    answer = conn.recv(CALL_BYTES)
+                except TimeoutError:  # not stepping: an answer thread takes it
+                    conn.settimeout(None)
+                    conn.send(pickle.dumps(("take",)))
+                    answer = conn.recv(CALL_BYTES)
+                finally:
+                    conn.settimeout(None)
+            else:
+                conn.send(pickle.dumps((kind, *args)))
+                answer = conn.recv(CALL_BYTES)
         except OSError:
             answer = b""
         finally:
-            self._callers.put(conn)
+            self._callers.put((caller, conn))
         if not answer:
             os._exit(0)  # the node is gone: so are we
         outcome, *rest = pickle.loads(answer)
@@ -655,7 +742,10 @@ class _Bridge:
             raise Reject(Status.INVALID, Why.NOT_FINITE, "state has NaN or Inf values")
         if not active():
             raise Reject(Status.INVALID, Why.ABORTED, "the call failed before the message ended")
-        ack, committed = self._call("commit", header.SerializeToString(), slot)
+        # a float32 commit costs the same for any model, where decoding another encoding
+        # costs with its size: that runs on an answer thread, in torch kernels without the GIL
+        fp32 = header.encoding == pb.ENCODING_FP32
+        ack, committed = self._call("commit", header.SerializeToString(), slot, post=fp32)
         return pb.PushAck.FromString(ack), committed
 
     def donate_state(self, request: pb.FetchRequest, peer: str) -> Iterator[bytes]:

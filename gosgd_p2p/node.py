@@ -115,8 +115,9 @@ class GossipNode:
             step=lambda: self.step_count, accepting=lambda: self.inbox.accepting, seed=seed + 1,
         )  # fmt: skip
         network = isinstance(client, NetworkProcess)  # it serves gRPC, into its receive slots
-        if isinstance(client, NetworkProcess):
-            self.membership.discovery = client.discovery  # zeroconf runs there too
+        self._network = client if isinstance(client, NetworkProcess) else None
+        if self._network is not None:
+            self.membership.discovery = self._network.discovery  # zeroconf runs there too
         self.receiver = Receiver(
             cfg, me, self.membership, self.counters, self._partners, log_once,
             numel=self.layout.numel, pin=pin, own_buffers=not network,
@@ -197,6 +198,8 @@ class GossipNode:
         self._check_open()
         self.step_count += 1
         self.local.staging.poll()
+        if self._network is not None:
+            self._network.take_commits()  # merged below, in this step
         self.receiver.serve_donations(self.local.split_into, self.step_count)
         now = time.monotonic()
         if push_to is not None:

@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,37 @@ def test_a_message_merged_before_its_commit_is_answered(caplog) -> None:
     assert "request failed" not in caplog.text
 
 
+def test_the_training_thread_takes_the_commits_while_it_steps() -> None:
+    """While b steps, the commits its network process asks for are answered by b's training
+    thread at its next step (no other thread of b wakes for them); while b does not step, by
+    an answer thread. Either way every message counts and the weight stays exact."""
+    b = GossipNode(model(), node_config("b", CLUSTER, p=0.0, network_process=True))
+    threads: list[str] = []
+    real_commit = b.receiver.commit_unsettled
+
+    def recording(*args: Any, **kw: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real_commit(*args, **kw)
+
+    b.receiver.commit_unsettled = recording  # type: ignore[method-assign]
+    a = GossipNode(model(), node_config("a", CLUSTER, p=1.0, peers=[b.address]))
+    with a, b:
+        deadline = time.monotonic() + 60
+        while len(threads) < 20 and time.monotonic() < deadline:  # b steps without pause
+            train_both(a, b)
+        stepping = list(threads)
+        threads.clear()
+        # as many as its inbox holds (4): b merges none of them yet
+        wait_until(lambda: (train(a), len(threads) >= 3)[1], 60, "3 commits while b idles")
+        idle = list(threads)
+        weights = [a.finish(), b.finish()]
+        assert a.counters.get("pushes_acked") == b.counters.get("pushes_received")
+    assert exact(weights, 2.0)
+    ours = threading.current_thread().name
+    assert len(stepping) >= 20 and ours in stepping, stepping
+    assert ours not in idle and all(n.startswith("gosgd-net-answer-") for n in idle), idle
+
+
 def test_kill_9_of_the_network_process_during_a_push(caplog) -> None:
     # b's receiver is held in this process (threads mode, whatever --push-mode says)
     b = GossipNode(model(), node_config("b", CLUSTER, p=0.0), network_process=False)
@@ -201,8 +233,8 @@ def test_kill_9_of_the_network_process_during_a_receive() -> None:
         assert child is not None
         received = b.counters.get
         wait_until(lambda: (train_both(a, b), received("pushes_received") >= 3)[1], 60, "3 pushes")
-        holding.set()
-        wait_until(lambda: (train_both(a, b), held.is_set())[1], 60, "a commit held at b")
+        holding.set()  # b stops stepping: its commit is held on a thread that is not ours
+        wait_until(lambda: (train(a), held.is_set())[1], 60, "a commit held at b")
         os.kill(child, signal.SIGKILL)
         wait_until(lambda: gone(child), 30, "b's network process to die")
         resume.set()  # the ack dies with the child; b merges the message from shared memory
