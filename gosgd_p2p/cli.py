@@ -113,9 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gossip.add_argument(
         "--network-process",
-        action="store_true",
-        help="serve gRPC and make pushes from a child process that imports no torch, so no "
-        "network work holds the GIL the training thread needs (Linux)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="serve gRPC, make calls and run mDNS from a child process that imports no torch, "
+        "so no network work holds the GIL the training thread needs (Linux); by default on "
+        "for a model on the CPU, off on a GPU (not yet measured there); --no-network-process: "
+        "all in this process",
     )
     gossip.add_argument(
         "--wait-for-peers", type=int, default=train.wait_for_peers, help="wait for N live peers"

@@ -95,8 +95,9 @@ class NodeConfig:
     tune_malloc: bool = True  # keep glibc from unmapping each received chunk (gosgd_p2p.malloc)
     chunk_bytes: int = CHUNK_BYTES  # payload bytes per streamed chunk, 4 KiB .. 4 MiB
     send_process: bool = False  # make pushes in a child process, off the training GIL (Linux)
-    network_process: bool = False  # serve gRPC and push from a child process without torch
-    # (Linux; netproc.py): only the model, the weight and the merge stay in the training process
+    network_process: bool | None = None  # serve gRPC and push from a child process without
+    # torch (netproc.py): only the model, the weight and the merge stay in the training process.
+    # None: on where it measured better, Linux with the model on the CPU and no client= given
     token_file: str | None = None  # file holding the cluster secret; None: no token
     tls_cert: str | None = None  # this node's certificate (PEM); with tls_key, tls_ca: mTLS
     tls_key: str | None = None  # its private key (PEM)

@@ -39,7 +39,7 @@ from gosgd_p2p.membership import JoinError, Membership
 from gosgd_p2p.metrics import Count, Counters, LogOnce, Partners
 from gosgd_p2p.netproc import NetworkProcess, RemoteServer
 from gosgd_p2p.peers import PeerTable
-from gosgd_p2p.pushclient import make_client
+from gosgd_p2p.pushclient import make_client, network_process_wanted
 from gosgd_p2p.receiver import Receiver
 from gosgd_p2p.reporter import Reporter
 from gosgd_p2p.security import Credentials, say_who_may_call
@@ -104,7 +104,15 @@ class GossipNode:
 
         pin = self.device.type == "cuda"
         credentials = Credentials.from_files(cfg.token_file, cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
-        client, send_pool = make_client(cfg, credentials, self.layout, client, pin=pin)
+        by_default = cfg.network_process is None
+        if by_default:
+            cfg = replace(cfg, network_process=network_process_wanted(cfg, client, pin))
+        client, send_pool = make_client(
+            cfg, credentials, self.layout, client, pin=pin, by_default=by_default
+        )
+        if cfg.network_process and not isinstance(client, NetworkProcess):  # it did not start
+            cfg = replace(cfg, network_process=False)
+        self.config = cfg
         # No honest message carries more than the cluster's total weight (the founders', 1
         # each), however leaves and merges gather it on one node: max_weight caps a message.
         self._me = me = Identity(cfg.node_id, cfg.cluster, self.layout, cfg.max_weight, encoding)

@@ -22,42 +22,53 @@ from gosgd_p2p.node import GossipNode
 # Several nodes share two cores in these tests: one torch thread each avoids oversubscription.
 torch.set_num_threads(1)
 
-#: How test nodes serve and push, --push-mode: "threads" (the default, all in the node's
-#: process), "process" (network_process: gRPC served and pushes made by a child process
-#: without torch) or "sendproc" (send_process: only the pushes made by a child process).
-PUSH_MODES = ("threads", "process", "sendproc")
-#: The NodeConfig field and gosgd-node flag of each mode that runs a child process.
-CHILD_OF_MODE = {
-    "process": ("network_process", "--network-process"),
-    "sendproc": ("send_process", "--send-process"),
+#: How test nodes serve and push, --push-mode: "default" (as NodeConfig decides: a network
+#: process on Linux for a CPU model without an injected client), "threads" (all in the node's
+#: process), "process" (network_process: gRPC served, calls made and mDNS run by a child
+#: process without torch) or "sendproc" (send_process: only the pushes made by a child).
+PUSH_MODES = ("default", "threads", "process", "sendproc")
+#: The NodeConfig fields and the gosgd-node flag of each mode but the default.
+MODE_SETS = {
+    "threads": ({"network_process": False}, "--no-network-process"),
+    "process": ({"network_process": True}, "--network-process"),
+    "sendproc": ({"network_process": False, "send_process": True}, "--send-process"),
 }
+#: The flags that choose a mode on a gosgd-node command line.
+MODE_FLAGS = ("--network-process", "--no-network-process", "--send-process")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--push-mode",
         choices=PUSH_MODES,
-        default="threads",
-        help="process: every test node and daemon that can serves gRPC and pushes from a "
-        "network process; sendproc: pushes through a send process",
+        default="default",
+        help="threads, process or sendproc: every test node and daemon that does not choose "
+        "its mode itself serves and pushes that way",
     )
 
 
 @pytest.fixture(autouse=True)
 def push_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The push mode of this run. In "process" mode every GossipNode made without an injected
-    client (which needs the node's own threads) serves gRPC and pushes from a network process;
-    in "sendproc" mode it pushes through a send process. A test that reaches into a node's
-    receiver in this process opts that node out with network_process=False."""
+    """The push mode of this run. In "threads", "process" and "sendproc" mode every
+    GossipNode made without an injected client (which needs the node's own threads), and
+    that chooses neither network_process nor send_process, takes that mode's fields. A test
+    that reaches into a node's receiver in this process opts that node out with
+    network_process=False. A test marked default_mode tests the default itself."""
     mode: str = request.config.getoption("--push-mode")
-    if mode in CHILD_OF_MODE:
+    if request.node.get_closest_marker("default_mode") is not None:
+        return "default"
+    if mode in MODE_SETS:
         real_init = GossipNode.__init__
-        field, _ = CHILD_OF_MODE[mode]
+        fields, _ = MODE_SETS[mode]
 
         def init(self: GossipNode, model: Any, config: Any = None, **kw: Any) -> None:
-            asked = kw.get("send_process", getattr(config, "send_process", False))
-            if kw.get("client") is None and not asked:  # a send_process test keeps its mode
-                kw.setdefault(field, True)
+            def chosen(field: str) -> Any:
+                return kw[field] if field in kw else getattr(config, field, None)
+
+            # a node with a client of its own, or a mode of its own, keeps it
+            free = chosen("network_process") is None and not chosen("send_process")
+            if kw.get("client") is None and free:
+                kw.update(fields)
             real_init(self, model, config, **kw)
 
         monkeypatch.setattr(GossipNode, "__init__", init)
@@ -168,9 +179,8 @@ def node_processes(tmp_path: Path, push_mode: str):
     started: list[NodeProcess] = []
 
     def start(node_id: str, *args: str, **kw: Any) -> NodeProcess:
-        chosen = any(flag in args for _, flag in CHILD_OF_MODE.values())
-        if push_mode in CHILD_OF_MODE and not chosen:
-            args = (*args, CHILD_OF_MODE[push_mode][1])
+        if push_mode in MODE_SETS and not any(flag in args for flag in MODE_FLAGS):
+            args = (*args, MODE_SETS[push_mode][1])
         node = NodeProcess(tmp_path, node_id, *args, **kw)
         started.append(node)
         return node

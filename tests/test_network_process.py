@@ -19,10 +19,11 @@ from conftest import node_config, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from netns import needs_netns
 
-from gosgd_p2p import GossipNode, JoinError, cluster_seed
+from gosgd_p2p import GossipNode, JoinError, cluster_seed, pushclient
 from gosgd_p2p.client import PeerClient
 from gosgd_p2p.models import build_model
 from gosgd_p2p.netproc import NetworkProcess
+from gosgd_p2p.pushclient import network_process_wanted
 from gosgd_p2p.v1 import gossip_pb2 as pb
 
 pytestmark = [pytest.mark.nodes, pytest.mark.timeout(180)]
@@ -340,6 +341,48 @@ def test_mdns_runs_in_the_network_process_and_here_after_it(lab, node_processes)
     assert "gosgd-net[" in advertised(second)[0], second.stderr()
     assert first.final()["partners"] == ["m1"] and second.final()["partners"] == ["m0"]
     assert exact([first.final()["weight"], second.final()["weight"]], 2.0)
+
+
+def test_the_default_mode() -> None:
+    cpu = node_config("d", CLUSTER)
+    assert cpu.network_process is None
+    assert network_process_wanted(cpu, None, cuda=False) is True  # Linux, a CPU model
+    assert network_process_wanted(cpu, PeerClient(), cuda=False) is False  # its own client
+    assert network_process_wanted(cpu, None, cuda=True) is False  # not yet measured on a GPU
+    sendproc = node_config("d", CLUSTER, send_process=True)
+    assert network_process_wanted(sendproc, None, cuda=False) is False
+    for chosen in (True, False):
+        forced = node_config("d", CLUSTER, network_process=chosen)
+        assert network_process_wanted(forced, None, cuda=True) is chosen
+
+
+@pytest.mark.default_mode
+def test_a_node_by_default_serves_from_a_network_process() -> None:
+    node = GossipNode(model(), node_config("d", CLUSTER))
+    with node:
+        assert node.config.network_process is True
+        assert node.network_process_pid is not None
+        node.finish()
+
+
+@pytest.mark.default_mode
+def test_by_default_a_network_process_that_cannot_start_leaves_the_threads(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def cannot_start(*args: Any, **kw: Any) -> NetworkProcess:
+        raise RuntimeError("the network process did not start (exit code 1)")
+
+    monkeypatch.setattr(pushclient, "NetworkProcess", cannot_start)
+    b = GossipNode(model(), node_config("b", CLUSTER, p=0.0))
+    a = GossipNode(model(), node_config("a", CLUSTER, p=1.0, peers=[b.address]))
+    with a, b:
+        assert "no network process (the network process did not start" in caplog.text
+        assert a.config.network_process is False and a.network_process_pid is None
+        wait_until(lambda: (train_both(a, b), b.counters.get("pushes_received") >= 3)[1], 60,
+                   "3 pushes between nodes in their own threads")  # fmt: skip
+        assert exact([a.finish(), b.finish()], 2.0)
+    with pytest.raises(RuntimeError, match="did not start"):  # asked for: it fails
+        GossipNode(model(), node_config("c", CLUSTER, network_process=True))
 
 
 def test_network_process_makes_its_own_client() -> None:
