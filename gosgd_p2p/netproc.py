@@ -369,9 +369,10 @@ class NetworkProcess(SendProcessClient):
         if self._board.posted[0] != self._taken:
             self._take_commits()
 
-    def _take_commits(self) -> None:
-        # the training thread never waits: an answer thread taking them now takes ours too
-        if not self._commits_lock.acquire(blocking=False):
+    def _take_commits(self, wait: bool = False) -> None:
+        """Answer every posted commit. Without `wait` (the training thread never waits), none
+        when another thread is taking them, which takes ours too."""
+        if not self._commits_lock.acquire(blocking=wait):
             return
         try:
             self._taken = self._board.posted[0]  # read first: a later post is seen next time
@@ -491,6 +492,9 @@ class NetworkProcess(SendProcessClient):
             self._discovery.fall_back()
         for t in self._threads:
             t.join()  # every request it made is answered (or its answer failed) before we look
+        # and every commit it posted: taken after the slots are adopted, one would share its
+        # slot with a message received here
+        self._take_commits(wait=True)
         from gosgd_p2p.state import BufferPool
 
         with self._lock:

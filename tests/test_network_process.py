@@ -257,6 +257,60 @@ def test_kill_9_of_the_network_process_during_a_receive() -> None:
         assert exact(weights, 2.0)
 
 
+def test_kill_9_of_the_network_process_with_a_commit_posted() -> None:
+    """b's network process posted a commit for b's training thread and died before anyone
+    took it. The message is complete in its slot and was asked for while its call was alive:
+    b commits it before it adopts the slots (were it taken later, its slot could also take a
+    message received by b's own threads), and a learns so from ResolvePush."""
+    b = GossipNode(model(), node_config("b", CLUSTER, p=0.0, network_process=True))
+    client = b.sender.client
+    assert isinstance(client, NetworkProcess)
+    real_take = client._take_commits
+
+    def only_when_the_child_is_gone(wait: bool = False) -> None:
+        if wait:  # the watch thread's; the answer threads' "take" is ignored here
+            real_take(wait=True)
+
+    client._take_commits = only_when_the_child_is_gone  # type: ignore[method-assign]
+    a = GossipNode(model(), node_config("a", CLUSTER, p=1.0, peers=[b.address], send_buffers=1))
+    looking = threading.Event()
+
+    def look() -> None:  # as b's training thread does at each step: every commit is posted
+        while not looking.is_set():
+            client._board.polled[0] = time.monotonic()
+            looking.wait(0.001)
+
+    with a, b:
+        child = b.network_process_pid
+        assert child is not None
+        threading.Thread(target=look, daemon=True).start()
+        wait_until(
+            lambda: (train(a), client._board.posted[0] >= 1)[1],
+            60,
+            "a commit posted for b's training thread",
+        )
+        assert b.counters.get("pushes_received") == 0  # nobody took it
+        os.kill(child, signal.SIGKILL)
+        wait_until(lambda: gone(child), 30, "b's network process to die")
+        looking.set()
+        settled = a.counters.get
+        wait_until(
+            lambda: (train_both(a, b), settled("pushes_resolved_committed") == 1)[1],
+            60,
+            "the push to settle as committed",
+        )
+        before = b.counters.get("pushes_received")
+        assert before >= 1
+        wait_until(
+            lambda: (train_both(a, b), b.counters.get("pushes_received") >= before + 3)[1],
+            60,
+            "3 pushes received by b's own threads, into the slots it adopted",
+        )
+        weights = [a.finish(), b.finish()]
+        assert settled("pushes_returned") == 0 and settled("pushes_lost_with_peer") == 0
+        assert exact(weights, 2.0)
+
+
 def test_kill_9_of_the_network_process_during_a_donation() -> None:
     """a has split half its weight into a donation that its network process was to stream to
     a joiner; the process dies. The donation comes back, the joiner fails, and a later joiner
