@@ -3,7 +3,8 @@
 Four nodes, one per machine: `python lightning_gossip.py 0.0.0.0:7070` on the first and
 `python lightning_gossip.py 0.0.0.0:7070 FIRST_HOST:7070` on the three others (on one host,
 listen on 127.0.0.1:0; tests/test_integrations.py runs four). Each waits until it sees the
-three others, so all four found the cluster (weight 1 each) and their weights end summing to 4.
+three others and they see each other, so all four found the cluster (weight 1 each), start
+training together, and their weights end summing to 4.
 """
 
 import os

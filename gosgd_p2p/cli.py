@@ -121,7 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
         "all in this process",
     )
     gossip.add_argument(
-        "--wait-for-peers", type=int, default=train.wait_for_peers, help="wait for N live peers"
+        "--wait-for-peers",
+        type=int,
+        default=train.wait_for_peers,
+        help="before training, wait for N live peers that each know N (to start together)",
     )
     gossip.add_argument("--wait-timeout", type=float, default=train.wait_timeout_s)
     gossip.add_argument(

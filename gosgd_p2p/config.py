@@ -174,7 +174,7 @@ class TrainConfig:
     eval_every: int = 100  # steps between evaluations on the test set; 0: only at the end
     log_json: str | None = None  # file to append one JSON line per evaluation to
     save_final: str | None = None  # file to write the final state and weight to (torch.save)
-    wait_for_peers: int = 0  # founders wait until they know this many live peers
+    wait_for_peers: int = 0  # founders wait until this many live peers know as many
     wait_timeout_s: float = 60.0  # ... for at most this long, seconds
     metrics_port: int = 0  # Prometheus /metrics on this port (all interfaces); 0: off
     progress: bool | None = None  # live progress line on stderr; None: when it is a terminal

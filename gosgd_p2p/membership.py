@@ -39,6 +39,9 @@ HELLO_PARALLEL = 8
 #: Addresses heard of but never reached that one membership round calls, at most: a flood of
 #: made-up addresses costs a few dials a round, not a storm.
 NEW_DIALS_PER_ROUND = 8
+#: Seconds between the Hello rounds of a node waiting for its peers (wait_together): the most
+#: that nodes started together apart their first steps by.
+TOGETHER_POLL_S = 0.1
 
 
 class JoinError(RuntimeError):
@@ -169,6 +172,27 @@ class Membership:
             f"no running peer of cluster {cfg.cluster!r} within {timeout_s:g} s; a node that "
             "was a member never founds anew: start it once a peer runs"
         )
+
+    def wait_together(self, count: int, timeout_s: float) -> bool:
+        """Block until this node has met `count` live peers and `count` of its peers, asked
+        just now, have met as many, or until a peer has begun training. Nodes started with
+        the same count then take their first steps within about TOGETHER_POLL_S of each
+        other, not a membership round apart: the first one does not train alone and give its
+        weight away before the others start. False at the timeout or when the node closes."""
+        deadline = time.monotonic() + timeout_s
+        need = min(count, HELLO_PEERS)  # a Hello lists at most HELLO_PEERS peers
+        while True:
+            # the unmet ones too: calling them is what confirms them, without waiting for the
+            # membership thread's next round
+            replies = self._hello_round([p.address for p in self.peers.live()])
+            ready = {r.self.node_id for r in replies.values() if len(r.peers) >= need}
+            if any(r.step > 0 for r in replies.values()):
+                return True  # the cluster has started: each poll more puts this node behind
+            if len(self.peers.pushable()) >= count and len(ready) >= count:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0 or self._stop.wait(min(TOGETHER_POLL_S, left)):
+                return False
 
     def start(self) -> None:
         """Start the membership thread."""

@@ -323,6 +323,12 @@ class GossipNode:
         """Messages waiting for the training thread to merge them."""
         return self.receiver.inbox
 
+    def wait_for_peers(self, count: int, timeout_s: float) -> bool:
+        """Before the first step: block until this node has met `count` live peers, each of
+        which has met as many, or a peer has begun training (nodes started together then
+        start training together); False after `timeout_s`."""
+        return self.membership.wait_together(count, timeout_s)
+
     @property
     def peers(self) -> PeerTable:
         """The peer table."""

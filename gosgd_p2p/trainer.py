@@ -141,13 +141,13 @@ def train(
             on_ready(node)
         if cfg.wait_for_peers:
             waited = time.monotonic()
-            if node.peers.wait_live(cfg.wait_for_peers, cfg.wait_timeout_s):
+            if node.wait_for_peers(cfg.wait_for_peers, cfg.wait_timeout_s):
                 log.info(
                     "%d peers ready after %.1f s", cfg.wait_for_peers, time.monotonic() - waited
                 )
             else:
                 log.warning(
-                    "only %d of %d peers after %.0f s: starting anyway",
+                    "only %d of %d peers ready after %.0f s: starting anyway",
                     len(node.peers.pushable()),
                     cfg.wait_for_peers,
                     cfg.wait_timeout_s,

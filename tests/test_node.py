@@ -300,6 +300,45 @@ def test_a_late_node_joins_with_its_donors_state_and_half_its_weight() -> None:
         assert a.weight == j.weight == 0.5  # the donor halved, the joiner took that half
 
 
+def test_founders_waiting_for_peers_start_only_once_every_one_has_met_as_many() -> None:
+    # b and c know only a: they meet each other through the wait itself, since the membership
+    # rounds (30 s) are too slow to. A wait that returned as soon as a had met b and c (the
+    # peer table's wait_live) would leave b and c with one peer each: the first node would
+    # train alone and give its weight away before the others start.
+    slow = {"hello_interval_s": 30.0, "p": 0.0}
+    a = GossipNode(make_model(), cfg("a", **slow))
+    b = GossipNode(make_model(), cfg("b", peers=[a.address], **slow))
+    c = GossipNode(make_model(), cfg("c", peers=[a.address], **slow))
+    nodes = (a, b, c)
+    seen: dict[str, tuple[bool, list[int]]] = {}
+
+    def wait(node: GossipNode) -> None:
+        ready = node.wait_for_peers(2, timeout_s=20)
+        # what every node had met at the moment this one would have started training
+        seen[node.config.node_id] = (ready, [len(n.peers.pushable()) for n in nodes])
+
+    with a, b, c:
+        threads = [threading.Thread(target=wait, args=(n,)) for n in nodes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert seen == {name: (True, [2, 2, 2]) for name in "abc"}, seen
+        assert all(n.weight == 1.0 and not n.joined for n in nodes)  # all three founded
+
+
+def test_a_node_waiting_for_peers_goes_once_a_peer_has_begun_training() -> None:
+    # two founders; a no longer waits and trains. The other two b waits for will never come,
+    # and waiting for them would only put b further behind a.
+    ma = make_model()
+    a = GossipNode(ma, cfg("a", p=0.0))
+    b = GossipNode(make_model(), cfg("b", p=0.0, peers=[a.address]))
+    with a, b:
+        local_steps(ma, a, 3, 1)
+        assert b.wait_for_peers(3, timeout_s=20) is True
+        assert len(b.peers.pushable()) == 1
+
+
 def test_health_is_serving_while_training_and_not_after_finish() -> None:
     a = GossipNode(make_model(), cfg("a", p=0.0))
     channel = grpc.insecure_channel(a.address)

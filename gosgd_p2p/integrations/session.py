@@ -21,8 +21,9 @@ class GossipSession:
     """Owns one GossipNode for one training run; every method runs on the training thread.
 
     `wait_for_peers`: a founder waits (up to `wait_timeout_s`) until it knows that many live
-    peers before its first step, so nodes started together all found (weight 1 each) instead
-    of the later ones joining the first (as gosgd-node --wait-for-peers).
+    peers, each knowing as many, before its first step, so nodes started together all found
+    (weight 1 each) instead of the later ones joining the first, and start training together
+    (as gosgd-node --wait-for-peers).
     """
 
     def __init__(
@@ -50,12 +51,12 @@ class GossipSession:
         self.node = node
         if resumed_step is not None:
             node.step_count = resumed_step
-        if self.wait_for_peers and not node.peers.wait_live(
+        if self.wait_for_peers and not node.wait_for_peers(
             self.wait_for_peers, self.wait_timeout_s
         ):
             log.warning(
-                "only %d of %d peers after %.0f s: training anyway",
-                len(node.peers.live()), self.wait_for_peers, self.wait_timeout_s,
+                "only %d of %d peers ready after %.0f s: training anyway",
+                len(node.peers.pushable()), self.wait_for_peers, self.wait_timeout_s,
             )  # fmt: skip
         return node
 
