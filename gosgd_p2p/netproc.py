@@ -371,24 +371,31 @@ class NetworkProcess(SendProcessClient):
 
     def _take_commits(self, wait: bool = False) -> None:
         """Answer every posted commit. Without `wait` (the training thread never waits), none
-        when another thread is taking them, which takes ours too."""
-        if not self._commits_lock.acquire(blocking=wait):
-            return
-        try:
-            self._taken = self._board.posted[0]  # read first: a later post is seen next time
-            while True:
-                try:
-                    request = self._commits.recv(CALL_BYTES)
-                except (BlockingIOError, InterruptedError):
-                    return
-                except OSError:
-                    return  # the child is gone: the watch thread sees to it
-                if not request:
-                    return
-                caller, kind, *args = pickle.loads(request)
-                self._reply(self._callers[caller], kind, args)
-        finally:
-            self._commits_lock.release()
+        when another thread is taking them: that thread looks again once it has let go, so
+        a commit posted after its last read is taken although nobody steps again."""
+        while self._commits_lock.acquire(blocking=wait):
+            try:
+                self._taken = self._board.posted[0]  # read first: a later post is seen below
+                self._answer_posted()
+            finally:
+                self._commits_lock.release()
+            # a take that found the lock held since our last read left its commit to us
+            if self._board.posted[0] == self._taken:
+                return
+
+    def _answer_posted(self) -> None:
+        """Answer the commit requests in the socket now (under the commits lock)."""
+        while True:
+            try:
+                request = self._commits.recv(CALL_BYTES)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # the child is gone: the watch thread sees to it
+            if not request:
+                return
+            caller, kind, *args = pickle.loads(request)
+            self._reply(self._callers[caller], kind, args)
 
     def _reply(self, conn: socket.socket, kind: str, args: list[Any]) -> bool:
         """Answer one request of the child on `conn`; False if the child is gone."""

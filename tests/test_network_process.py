@@ -257,6 +257,59 @@ def test_kill_9_of_the_network_process_during_a_receive() -> None:
         assert exact(weights, 2.0)
 
 
+class HeldUntilMissed:
+    """The commits lock, where the first holder lets go only once a take has found it held."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.held = threading.Event()
+        self.missed = threading.Event()
+
+    def acquire(self, blocking: bool = True) -> bool:
+        got = self._lock.acquire(blocking)
+        if got:
+            self.held.set()
+        else:
+            self.missed.set()
+        return got
+
+    def release(self) -> None:
+        self.missed.wait(60)
+        self._lock.release()
+
+
+def test_a_commit_posted_as_its_taker_lets_go_is_taken_though_nobody_steps() -> None:
+    """A thread taking commits has read the last one and not yet let go of the lock; a commit
+    posted then finds the lock held when its "take" comes. The holder looks again as it lets
+    go and takes it: b never steps again, and the commit must not wait for its next step."""
+    b = GossipNode(model(), node_config("b", CLUSTER, p=0.0, network_process=True))
+    client = b.sender.client
+    assert isinstance(client, NetworkProcess)
+    lock = HeldUntilMissed()
+    client._commits_lock = lock  # type: ignore[assignment]
+    a = GossipNode(model(), node_config("a", CLUSTER, p=1.0, peers=[b.address], send_buffers=1))
+    looking = threading.Event()
+
+    def look() -> None:  # as b's training thread does at each step: every commit is posted
+        while not looking.is_set():
+            client._board.polled[0] = time.monotonic()
+            looking.wait(0.001)
+
+    with a, b:
+        holder = threading.Thread(target=client._take_commits, kwargs={"wait": True})
+        holder.start()  # takes the lock, finds nothing posted, and holds on as it lets go
+        assert lock.held.wait(30)
+        threading.Thread(target=look, daemon=True).start()
+        wait_until(lambda: (train(a), client._board.posted[0] >= 1)[1], 60, "a commit posted for b")
+        looking.set()
+        wait_until(lock.missed.is_set, 30, "the child's take to find the lock held")
+        holder.join(60)
+        wait_until(lambda: b.counters.get("pushes_received") == 1, 30, "the posted commit taken")
+        weights = [a.finish(), b.finish()]
+        assert a.counters.get("pushes_acked") == b.counters.get("pushes_received") == 1
+    assert exact(weights, 2.0)
+
+
 def test_kill_9_of_the_network_process_with_a_commit_posted() -> None:
     """b's network process posted a commit for b's training thread and died before anyone
     took it. The message is complete in its slot and was asked for while its call was alive:
