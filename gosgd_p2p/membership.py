@@ -39,9 +39,12 @@ HELLO_PARALLEL = 8
 #: Addresses heard of but never reached that one membership round calls, at most: a flood of
 #: made-up addresses costs a few dials a round, not a storm.
 NEW_DIALS_PER_ROUND = 8
-#: Seconds between the Hello rounds of a node waiting for its peers (wait_together): the most
-#: that nodes started together apart their first steps by.
+#: Seconds between the Hello rounds of a node waiting for its peers (wait_together): about
+#: how far apart the first steps of nodes started together fall.
 TOGETHER_POLL_S = 0.1
+#: Peers one of those rounds asks, at most: in a large cluster started at once, each waiting
+#: node's rounds stay small while it learns who is ready.
+TOGETHER_PER_ROUND = 16
 
 
 class JoinError(RuntimeError):
@@ -175,19 +178,26 @@ class Membership:
 
     def wait_together(self, count: int, timeout_s: float) -> bool:
         """Block until this node has met `count` live peers and `count` of its peers, asked
-        just now, have met as many, or until a peer has begun training. Nodes started with
-        the same count then take their first steps within about TOGETHER_POLL_S of each
-        other, not a membership round apart: the first one does not train alone and give its
-        weight away before the others start. False at the timeout or when the node closes."""
+        since the wait began, have met as many, or until a peer has begun training. Nodes
+        started with the same count then take their first steps within about TOGETHER_POLL_S
+        of each other, not a membership round apart: the first one does not train alone and
+        give its weight away before the others start. False at the timeout or when the node
+        closes."""
         deadline = time.monotonic() + timeout_s
         need = min(count, HELLO_PEERS)  # a Hello lists at most HELLO_PEERS peers
+        ready: set[str] = set()  # node ids of peers that listed `need` peers of their own
+        picker = random.Random()  # not the membership thread's generator: this is another thread
         while True:
+            live = self.peers.live()
             # the unmet ones too: calling them is what confirms them, without waiting for the
             # membership thread's next round
-            replies = self._hello_round([p.address for p in self.peers.live()])
-            ready = {r.self.node_id for r in replies.values() if len(r.peers) >= need}
+            pending = [p.address for p in live if p.node_id not in ready]
+            asked = picker.sample(pending, min(TOGETHER_PER_ROUND, len(pending)))
+            replies = self._hello_round(asked)
             if any(r.step > 0 for r in replies.values()):
                 return True  # the cluster has started: each poll more puts this node behind
+            ready |= {r.self.node_id for r in replies.values() if len(r.peers) >= need}
+            ready &= {p.node_id for p in self.peers.live() if p.node_id}  # the ones that left
             if len(self.peers.pushable()) >= count and len(ready) >= count:
                 return True
             left = deadline - time.monotonic()

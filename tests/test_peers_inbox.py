@@ -1,17 +1,27 @@
-"""The peer table (gosgd_p2p.peers) and the inbox (gosgd_p2p.inbox), without a network."""
+"""The peer table (gosgd_p2p.peers), the inbox (gosgd_p2p.inbox) and the wait for peers
+(gosgd_p2p.membership), without a network."""
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
+from collections import Counter
 
 import pytest
 import torch
 
+from gosgd_p2p.config import NodeConfig
 from gosgd_p2p.fates import ABORTED_PER_SENDER, COMMITTED_PER_SENDER, Fate, FateMemory
+from gosgd_p2p.identity import Identity
 from gosgd_p2p.inbox import Inbox, Message
+from gosgd_p2p.membership import TOGETHER_PER_ROUND, Membership
+from gosgd_p2p.metrics import Counters, LogOnce
 from gosgd_p2p.peers import PeerTable
 from gosgd_p2p.reject import Reject
+from gosgd_p2p.state import StateLayout
+from gosgd_p2p.v1 import gossip_pb2 as pb
+from gosgd_p2p.wire import PROTOCOL_VERSION
 
 SELF_ID, SELF_ADDR = "me", "10.0.0.1:5000"
 
@@ -371,3 +381,54 @@ def test_senders_are_forgotten_only_when_safe() -> None:
     assert memory.commit("c", 1)  # a has been idle long enough to be forgotten
     assert memory.resolve("z", 1) is Fate.ABORTED
     assert memory.resolve("b", 1) is Fate.COMMITTED
+
+
+# --- Membership.wait_together -----------------------------------------------------------------
+
+
+class FortyPeers:
+    """A client for 40 peers that are not training yet; each lists all the others from the
+    second Hello it answers on, as if it had met them by then. Records whom each round asks."""
+
+    def __init__(self) -> None:
+        self.peers = [pb.PeerInfo(node_id=f"p{i}", address=f"10.0.1.{i}:7070") for i in range(40)]
+        self.asked: Counter[str] = Counter()
+        self.rounds: list[set[str]] = []
+
+    def hello(self, address: str, request: pb.HelloRequest, timeout: float) -> pb.HelloReply:
+        self.asked[address] += 1
+        me = next(p for p in self.peers if p.address == address)
+        met = [p for p in self.peers if p is not me] if self.asked[address] > 1 else []
+        return pb.HelloReply(
+            self=me, cluster="unit", protocol_version=PROTOCOL_VERSION, peers=met, step=0,
+            accepting=True,
+        )  # fmt: skip
+
+
+def test_a_node_waiting_among_many_asks_a_few_a_round_and_each_until_ready() -> None:
+    client = FortyPeers()
+    cfg = NodeConfig(
+        node_id="me", cluster="unit", peers=[p.address for p in client.peers], mdns=False
+    )
+    identity = Identity("me", "unit", StateLayout([("w", torch.zeros(4))]))
+    identity.address = SELF_ADDR
+    membership = Membership(
+        cfg, identity, client, Counters(), LogOnce(logging.getLogger("test")),  # type: ignore[arg-type]
+        step=lambda: 0, accepting=lambda: True, seed=0,
+    )  # fmt: skip
+    real_round = membership._hello_round
+
+    def recorded(addresses: list[str]):
+        client.rounds.append(set(addresses))
+        return real_round(addresses)
+
+    membership._hello_round = recorded  # type: ignore[method-assign]
+    membership.open("127.0.0.1")
+    try:
+        assert membership.wait_together(39, timeout_s=30) is True
+    finally:
+        membership.close()
+    assert all(len(r) <= TOGETHER_PER_ROUND for r in client.rounds), client.rounds
+    # unmet the first time, ready the second; never asked again once ready
+    assert set(client.asked.values()) == {2}, client.asked
+    assert len(membership.peers.pushable()) == 40
