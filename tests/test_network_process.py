@@ -257,6 +257,20 @@ def test_kill_9_of_the_network_process_during_a_receive() -> None:
         assert exact(weights, 2.0)
 
 
+def keep_looking(client: NetworkProcess) -> threading.Event:
+    """Mark the board as b's training thread does at each step, so that b's network process
+    posts every commit for it, until the returned event is set."""
+    looking = threading.Event()
+
+    def look() -> None:
+        while not looking.is_set():
+            client._board.polled[0] = time.monotonic()
+            looking.wait(0.001)
+
+    threading.Thread(target=look, daemon=True).start()
+    return looking
+
+
 class HeldUntilMissed:
     """The commits lock, where the first holder lets go only once a take has found it held."""
 
@@ -288,18 +302,12 @@ def test_a_commit_posted_as_its_taker_lets_go_is_taken_though_nobody_steps() -> 
     lock = HeldUntilMissed()
     client._commits_lock = lock  # type: ignore[assignment]
     a = GossipNode(model(), node_config("a", CLUSTER, p=1.0, peers=[b.address], send_buffers=1))
-    looking = threading.Event()
-
-    def look() -> None:  # as b's training thread does at each step: every commit is posted
-        while not looking.is_set():
-            client._board.polled[0] = time.monotonic()
-            looking.wait(0.001)
 
     with a, b:
         holder = threading.Thread(target=client._take_commits, kwargs={"wait": True})
         holder.start()  # takes the lock, finds nothing posted, and holds on as it lets go
         assert lock.held.wait(30)
-        threading.Thread(target=look, daemon=True).start()
+        looking = keep_looking(client)
         wait_until(lambda: (train(a), client._board.posted[0] >= 1)[1], 60, "a commit posted for b")
         looking.set()
         wait_until(lock.missed.is_set, 30, "the child's take to find the lock held")
@@ -326,17 +334,11 @@ def test_kill_9_of_the_network_process_with_a_commit_posted() -> None:
 
     client._take_commits = only_when_the_child_is_gone  # type: ignore[method-assign]
     a = GossipNode(model(), node_config("a", CLUSTER, p=1.0, peers=[b.address], send_buffers=1))
-    looking = threading.Event()
-
-    def look() -> None:  # as b's training thread does at each step: every commit is posted
-        while not looking.is_set():
-            client._board.polled[0] = time.monotonic()
-            looking.wait(0.001)
 
     with a, b:
         child = b.network_process_pid
         assert child is not None
-        threading.Thread(target=look, daemon=True).start()
+        looking = keep_looking(client)
         wait_until(
             lambda: (train(a), client._board.posted[0] >= 1)[1],
             60,
